@@ -60,7 +60,7 @@ class Config:
     # model
     image_size: int = 32  # input height and width in pixels (shapes data is rendered at this size)
     patch_size: int = 4  # P: side of a square patch; image_size must be a multiple of it
-    dim: int = 128  # D: token width
+    dim: int = 96  # D: token width
     depth: int = 6  # number of Transformer blocks
     num_heads: int = 4  # attention heads per block
     mlp_ratio: float = 2.0  # hidden width of the MLP as a multiple of D
@@ -73,11 +73,11 @@ class Config:
     n_train: int = 20000  # shapes images rendered for training
     n_test: int = 2000  # shapes images rendered for the test split (and the heldout split)
     # optim
-    max_steps: int = 1200  # optimizer steps; also the length of the cosine schedule
+    max_steps: int = 800  # optimizer steps; also the length of the cosine schedule
     batch_size: int = 128  # global batch size (split across DDP ranks)
     lr: float = 2e-3  # peak learning rate
     min_lr: float = 1e-5  # learning rate at the end of the cosine decay
-    warmup_steps: int = 100  # linear warm-up steps
+    warmup_steps: int = 60  # linear warm-up steps
     weight_decay: float = 0.05  # AdamW weight decay on matrices (not on norms, biases, embeddings)
     grad_clip: float = 1.0  # clip the gradient norm to this (0: off)
     # system
@@ -88,8 +88,8 @@ class Config:
     # io
     out_dir: str = "out/vit"  # where ckpt.pt, log.jsonl, metrics.json and the PNGs go
     log_every: int = 50  # steps between progress lines
-    eval_every: int = 400  # steps between test-accuracy evaluations (0: only at the end)
-    ckpt_every: int = 400  # steps between checkpoints (one is always written at the end)
+    eval_every: int = 200  # steps between test-accuracy evaluations (0: only at the end)
+    ckpt_every: int = 200  # steps between checkpoints (one is always written at the end)
     resume: str = ""  # checkpoint to resume training from, or to evaluate with --eval_only 1
     stop_step: int = 0  # end this run at this step although the schedule spans max_steps (0: off)
     eval_only: bool = False  # with --resume: only evaluate the checkpoint and write the grid
@@ -306,19 +306,24 @@ def classification_loss(logits, labels, label_smoothing=0.0):
     return F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
 
 
-def mean_attention_distance(attn, grid, patch_size, num_prefix_tokens=1):
+def mean_attention_distance(attn, grid, patch_size, num_prefix_tokens=1, query_mask=None):
     """Attention-weighted mean pixel distance between query and key patches, per head (nh,).
 
     As in ViT's Figure 7: for each query patch, sum_j a_ij * ||pos_i - pos_j||, averaged over
     queries and images. Prefix tokens (the class token) are dropped and each query's weights over
     the patches renormalised, so the number is a distance in pixels between patch centres.
+    query_mask (B, N), optional, keeps only some query patches (e.g. those showing the object).
     """
     a = attn[:, :, num_prefix_tokens:, num_prefix_tokens:].float()  # (B, nh, N, N)
     a = a / a.sum(dim=-1, keepdim=True)
     rows, cols = torch.meshgrid(torch.arange(grid[0]), torch.arange(grid[1]), indexing="ij")
     centres = torch.stack([rows.flatten(), cols.flatten()], dim=1).float() * patch_size  # (N, 2)
     dist_px = torch.cdist(centres, centres).to(a.device)  # (N, N)
-    return (a * dist_px).sum(dim=-1).mean(dim=(0, 2))  # (nh,)
+    per_query = (a * dist_px).sum(dim=-1)  # (B, nh, N)
+    if query_mask is None:
+        return per_query.mean(dim=(0, 2))
+    weights = query_mask[:, None, :].float()  # (B, 1, N)
+    return (per_query * weights).sum(dim=(0, 2)) / weights.sum(dim=(0, 2)).clamp_min(1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -859,15 +864,19 @@ def predict(model, images, rt, batch_size=500):
 
 @torch.no_grad()
 def attention_distances(model, images, rt):
-    """Mean attention distance per block (mean, min and max over heads), in pixels."""
+    """Mean attention distance per block in pixels: over heads (mean, min, max) for all query
+    patches, and the mean for the query patches that show part of the object (not pure black)."""
     model.eval()
     x = images_to_tensor(images).to(rt.device)
     _, attns = model(x, return_attn=True)
     prefix = 1 if model.cls_token is not None else 0
+    on_object = patchify(x, model.patch_size).amax(dim=-1) > -0.9  # (B, N): some pixel is lit
     rows = []
     for layer, a in enumerate(attns):
         heads = mean_attention_distance(a, model.grid, model.patch_size, prefix).cpu()
-        rows.append({"layer": layer, "mean": heads.mean().item(), "min": heads.min().item(), "max": heads.max().item()})
+        on_obj = mean_attention_distance(a, model.grid, model.patch_size, prefix, on_object).mean().item()
+        rows.append({"layer": layer, "mean": heads.mean().item(), "min": heads.min().item(),
+                     "max": heads.max().item(), "object_queries": on_obj})
     return rows
 
 
@@ -980,8 +989,8 @@ def train(cfg):
             metrics = evaluate(model, data, cfg, rt)
             metrics.update(steps=end, final_loss=loss_value)
             logger.print(f"test accuracy {metrics['test_accuracy']:.4f}")
-            logger.print("mean attention distance (px) per layer: " + "  ".join(
-                f"{r['layer']}:{r['mean']:.1f}" for r in metrics["attention_distance"]))
+            logger.print("mean attention distance (px) per layer, all queries / object queries: " + "  ".join(
+                f"{r['layer']}:{r['mean']:.1f}/{r['object_queries']:.1f}" for r in metrics["attention_distance"]))
         return _finish(cfg, rt, metrics, t_start)
     finally:
         cleanup_runtime(rt)

@@ -141,6 +141,10 @@ def test_mean_attention_distance_oracles():
     with_cls[0, 0, :, 0] = 0.5
     with_cls[0, 0, 1:, 1:] = 0.5 * torch.eye(N)
     assert torch.allclose(vit.mean_attention_distance(with_cls, grid, P, 1), torch.zeros(1))
+    # a query mask averages over the chosen queries only: the last column's queries look at themselves
+    last_column = torch.tensor([[i % 3 == 2 for i in range(N)]])
+    assert torch.allclose(vit.mean_attention_distance(shift, grid, P, 0, last_column), torch.zeros(1))
+    torch.testing.assert_close(vit.mean_attention_distance(shift, grid, P, 0, ~last_column), torch.tensor([4.0]))
 
 
 def test_drop_path_is_identity_in_eval_and_unbiased_in_training():
