@@ -904,9 +904,11 @@ def evaluate(model, data, cfg, rt, write_files=True):
     labels = data["test"]["labels"]
     metrics = {"test_accuracy": float((predicted == labels).mean()), "test_size": int(len(labels))}
     if write_files:
-        names = data["class_names"]
-        save_png(os.path.join(cfg.out_dir, "predictions.png"),
-                 prediction_grid(data["test"]["images"][:32], predicted[:32], labels[:32], names))
+        # The first mistakes (up to 16), then correct predictions, 32 in all.
+        wrong, right = np.flatnonzero(predicted != labels), np.flatnonzero(predicted == labels)
+        show = np.concatenate([wrong[:16], right[:32 - min(16, len(wrong))]])
+        save_png(os.path.join(cfg.out_dir, "predictions.png"), prediction_grid(
+            data["test"]["images"][show], predicted[show], labels[show], data["class_names"]))
         metrics["attention_distance"] = attention_distances(model, data["test"]["images"][:256], rt)
     return metrics
 
@@ -930,6 +932,8 @@ def train(cfg):
                 raise InputError("--eval_only 1 needs --resume path/to/ckpt.pt")
             model.load_state_dict(ckpt["model"])
             metrics = evaluate(model, data, cfg, rt) if rt.master else {}
+            if rt.master:
+                print(f"test accuracy {metrics['test_accuracy']:.4f} of checkpoint {cfg.resume} (step {ckpt['step']})")
             return _finish(cfg, rt, metrics, t_start)
         optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, rt)
         start = 0

@@ -8,6 +8,7 @@ owner's (blank lines ignored, replacements applied to the owner's text).
 
 import ast
 import difflib
+import functools
 import pathlib
 import re
 import sys
@@ -19,7 +20,12 @@ MARKER = re.compile(r"^# Copied from (\w+)\.(\w+)(?: with (.+))?$")
 
 def top_level_blocks(path):
     """{name: (first_line, last_line)} (1-based, decorators included) of a module's top-level defs."""
-    tree = ast.parse(path.read_text())
+    return _blocks(path.read_text())
+
+
+@functools.lru_cache(maxsize=64)
+def _blocks(source):
+    tree = ast.parse(source)
     blocks = {}
     for node in tree.body:
         first = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])])
