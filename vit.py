@@ -982,9 +982,11 @@ def train(cfg):
                 logger.print(format_progress(done, cfg.max_steps, loss_value, lr, 1000 * dt, per_s, (end - done) * dt, mfu))
                 logger.log({"step": done, "loss": loss_value, "lr": lr, "ms_per_step": 1000 * dt})
             if cfg.eval_every and done % cfg.eval_every == 0 and done != end and rt.master:
+                t_eval = time.time()
                 acc = evaluate(model, data, cfg, rt, write_files=False)["test_accuracy"]
                 logger.print(f"step {done}: test accuracy {acc:.4f}")
                 logger.log({"step": done, "test_accuracy": acc})
+                t_log += time.time() - t_eval  # keep evaluation out of ms/step
             if ckpt_now and rt.master:
                 save_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"),
                                 {"model_name": MODEL_NAME, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
