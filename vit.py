@@ -612,8 +612,8 @@ def setup_runtime(cfg):
         device = torch.device(cfg.device)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise InputError(f"--device {cfg.device}: CUDA is not available here; use --device cpu or auto")
-    if device.type == "cuda" and world_size > 1:
-        device = torch.device("cuda", local_rank)
+    if device.type == "cuda" and (device.index is None or world_size > 1):
+        device = torch.device("cuda", local_rank)  # set_device needs an index; one GPU per rank
     if cfg.dtype not in ("auto", "float32", "bfloat16"):
         raise InputError(f"--dtype {cfg.dtype}: expected auto, float32 or bfloat16")
     if cfg.compile not in ("auto", "0", "1"):

@@ -1,0 +1,605 @@
+"""Specification of clip.py: tokenizer, encoders, the Lec11 contrastive loss and its distributed form,
+zero-shot classification and retrieval, then training, resume, CLI and bad inputs."""
+
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+
+import clip
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+TOK = clip.ByteTokenizer()
+TINY = clip.Config(**clip.PRESETS["tiny"])
+seeds = st.integers(0, 2**31 - 1)
+
+
+def tiny_model(seed=0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    return clip.build_model(TINY).to(dtype)
+
+
+def unit_rows(gen, n, d=8, dtype=torch.float64):
+    return F.normalize(torch.randn(n, d, generator=gen, dtype=dtype), dim=-1)
+
+
+def random_pairs(gen, n, dtype=torch.float32):
+    images = torch.rand(n, 3, TINY.image_size, TINY.image_size, generator=gen, dtype=dtype) * 2 - 1
+    ids, _ = TOK.encode([f"caption number {i}" for i in range(n)], TINY.context_length)
+    return images, ids
+
+
+####################################################################################################
+# Tokenizer
+####################################################################################################
+
+@given(text=st.text(max_size=40), slack=st.integers(0, 5))
+def test_tokenizer_round_trips_any_unicode_string_that_fits(text, slack):
+    size = len(text.encode("utf-8"))
+    ids, lengths = TOK.encode([text], size + 2 + slack)
+    assert TOK.decode(ids[0]) == text
+    assert lengths.tolist() == [size + 2]
+
+
+def test_tokenizer_layout_is_bos_bytes_eos_then_padding():
+    ids, lengths = TOK.encode(["hi", "é"], 6)
+    assert ids.tolist() == [[TOK.bos_id, ord("h"), ord("i"), TOK.eos_id, TOK.pad_id, TOK.pad_id],
+                            [TOK.bos_id, 0xC3, 0xA9, TOK.eos_id, TOK.pad_id, TOK.pad_id]]
+    assert lengths.tolist() == [4, 4] and ids.dtype == torch.long
+    assert len({TOK.pad_id, TOK.bos_id, TOK.eos_id}) == 3 and min(TOK.pad_id, TOK.bos_id, TOK.eos_id) >= 256
+    assert TOK.vocab_size == max(TOK.pad_id, TOK.bos_id, TOK.eos_id) + 1
+
+
+def test_tokenizer_rejects_a_text_longer_than_the_context_by_default():
+    with pytest.raises(ValueError, match="context_length=5"):
+        TOK.encode(["four"], 5)
+
+
+@given(text=st.text(min_size=1, max_size=30), context_length=st.integers(2, 20))
+def test_truncation_keeps_the_longest_whole_character_prefix(text, context_length):
+    ids, lengths = TOK.encode([text], context_length, truncate=True)
+    decoded = TOK.decode(ids[0])
+    assert text.startswith(decoded)
+    assert len(decoded.encode("utf-8")) + 2 == lengths[0].item() <= context_length
+    rest = text[len(decoded):]
+    if rest:  # the next character would not have fit
+        assert len(decoded.encode("utf-8")) + len(rest[0].encode("utf-8")) > context_length - 2
+
+
+def test_decode_skips_bos_and_padding_and_stops_at_eos():
+    assert TOK.decode([TOK.bos_id, ord("a"), TOK.pad_id, ord("b"), TOK.eos_id, ord("c")]) == "ab"
+
+
+####################################################################################################
+# Encoders
+####################################################################################################
+
+@given(seed=seeds, batch=st.integers(1, 4))
+def test_embeddings_are_unit_norm_in_the_joint_space(seed, batch):
+    gen = torch.Generator().manual_seed(seed)
+    images, ids = random_pairs(gen, batch)
+    image_emb, text_emb, logit_scale = tiny_model(seed % 100)(images, ids)
+    assert image_emb.shape == text_emb.shape == (batch, TINY.embed_dim)
+    torch.testing.assert_close(image_emb.norm(dim=-1), torch.ones(batch))
+    torch.testing.assert_close(text_emb.norm(dim=-1), torch.ones(batch))
+    assert logit_scale.shape == ()
+
+
+@given(seed=seeds, text=st.text(st.characters(codec="ascii"), max_size=20))
+def test_tokens_after_eos_do_not_change_the_text_embedding(seed, text):
+    gen = torch.Generator().manual_seed(seed)
+    model = tiny_model(seed % 100)
+    ids, lengths = TOK.encode([text], TINY.context_length)
+    noisy = ids.clone()
+    noisy[0, lengths[0]:] = torch.randint(0, TOK.vocab_size, (TINY.context_length - lengths[0],), generator=gen)
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_text(noisy), model.encode_text(ids), rtol=0, atol=1e-6)
+        # Trimming the padding away (as training does) changes nothing either.
+        torch.testing.assert_close(model.encode_text(ids[:, :lengths[0]]), model.encode_text(ids), rtol=0, atol=1e-6)
+
+
+@given(seed=seeds)
+def test_text_encoder_is_causal(seed):
+    """Changing token t leaves the state at every s < t (read out by putting EOS at s) unchanged."""
+    gen = torch.Generator().manual_seed(seed)
+    model = tiny_model(seed % 100)
+    T = 12
+    ids = torch.randint(0, 256, (1, T), generator=gen)
+    ids[0, -1] = TOK.eos_id
+    t = int(torch.randint(1, T - 1, (), generator=gen))
+    changed = ids.clone()
+    changed[0, t] = (ids[0, t] + 1) % 256
+    with torch.no_grad():
+        for s in range(t):
+            a, b = ids.clone(), changed.clone()
+            a[0, s] = b[0, s] = TOK.eos_id
+            torch.testing.assert_close(model.encode_text(a), model.encode_text(b), rtol=0, atol=1e-6)
+        # ...while the state at the end does see the change, so the check above has teeth.
+        assert not torch.allclose(model.encode_text(ids), model.encode_text(changed), atol=1e-6)
+
+
+####################################################################################################
+# The Lec11 loss
+####################################################################################################
+
+def reference_clip_loss(image_emb, text_emb, tau):
+    """The lecture's formulas, written out with loops in float64."""
+    n = image_emb.shape[0]
+    s = [[float(image_emb[i] @ text_emb[j]) / tau for j in range(n)] for i in range(n)]
+    loss_img = -sum(s[i][i] - math.log(sum(math.exp(s[i][j]) for j in range(n))) for i in range(n)) / n
+    loss_text = -sum(s[i][i] - math.log(sum(math.exp(s[j][i]) for j in range(n))) for i in range(n)) / n
+    return (loss_img + loss_text) / 2
+
+
+pair_batches = st.tuples(seeds, st.integers(1, 8), st.floats(0.0, clip.LOGIT_SCALE_MAX))
+
+
+@given(pair_batches)
+def test_loss_matches_the_plain_formula(args):
+    seed, n, logit_scale = args
+    gen = torch.Generator().manual_seed(seed)
+    image_emb, text_emb = unit_rows(gen, n), unit_rows(gen, n)
+    loss = clip.clip_loss_global(image_emb, text_emb, torch.tensor(logit_scale, dtype=torch.float64))
+    assert loss.item() == pytest.approx(reference_clip_loss(image_emb, text_emb, math.exp(-logit_scale)), rel=1e-9)
+
+
+@given(pair_batches)
+def test_loss_is_symmetric_under_swapping_images_and_texts(args):
+    seed, n, logit_scale = args
+    gen = torch.Generator().manual_seed(seed)
+    image_emb, text_emb = unit_rows(gen, n), unit_rows(gen, n)
+    scale = torch.tensor(logit_scale, dtype=torch.float64)
+    torch.testing.assert_close(clip.clip_loss_global(image_emb, text_emb, scale),
+                               clip.clip_loss_global(text_emb, image_emb, scale))
+
+
+@given(pair_batches)
+def test_loss_is_invariant_under_a_joint_permutation_of_the_pairs(args):
+    seed, n, logit_scale = args
+    gen = torch.Generator().manual_seed(seed)
+    image_emb, text_emb = unit_rows(gen, n), unit_rows(gen, n)
+    perm = torch.randperm(n, generator=gen)
+    scale = torch.tensor(logit_scale, dtype=torch.float64)
+    torch.testing.assert_close(clip.clip_loss_global(image_emb[perm], text_emb[perm], scale),
+                               clip.clip_loss_global(image_emb, text_emb, scale))
+
+
+@given(seed=seeds, n=st.integers(1, 16), logit_scale=st.floats(0.0, clip.LOGIT_SCALE_MAX))
+def test_loss_equals_log_n_when_all_similarities_are_equal(seed, n, logit_scale):
+    gen = torch.Generator().manual_seed(seed)
+    image_emb, text_emb = unit_rows(gen, 1).expand(n, -1), unit_rows(gen, 1).expand(n, -1)
+    loss = clip.clip_loss_global(image_emb, text_emb, torch.tensor(logit_scale, dtype=torch.float64))
+    assert loss.item() == pytest.approx(math.log(n), abs=1e-12)
+
+
+@given(seed=seeds, n=st.integers(2, 8), delta=st.floats(1e-3, 5.0))
+def test_raising_a_matched_pairs_similarity_lowers_the_loss(seed, n, delta):
+    gen = torch.Generator().manual_seed(seed)
+    s = 3 * torch.randn(n, n, generator=gen, dtype=torch.float64)
+    i = int(torch.randint(0, n, (), generator=gen))
+    raised = s.clone()
+    raised[i, i] += delta
+    labels = torch.arange(n)
+    assert clip.clip_loss(raised, raised.T, labels) < clip.clip_loss(s, s.T, labels)
+
+
+def test_logit_scale_starts_at_one_over_0_07_and_the_clamp_holds_after_optimizer_steps():
+    model = tiny_model()
+    assert model.logit_scale.item() == pytest.approx(math.log(1 / 0.07))
+    # Aligned, distinct pairs: the loss falls as 1/tau grows, so the optimizer keeps pushing it up.
+    ids, _ = TOK.encode(["a red circle", "a blue square", "a green triangle", "a white square"], TINY.context_length)
+    with torch.no_grad():
+        text_emb = model.encode_text(ids)
+    optimizer = torch.optim.SGD([model.logit_scale], lr=50.0)
+    went_past = False
+    for _ in range(20):
+        optimizer.zero_grad()
+        clip.clip_loss_global(text_emb, text_emb, model.logit_scale).backward()
+        optimizer.step()
+        went_past |= model.logit_scale.item() > clip.LOGIT_SCALE_MAX
+        clip.clamp_logit_scale(model)
+        assert 0.0 <= model.logit_scale.item() <= torch.tensor(clip.LOGIT_SCALE_MAX).item()
+        assert model.logit_scale.exp().item() <= 100.0 * (1 + 1e-6)
+    assert went_past, "the optimizer never pushed past the clamp, so the clamp was not tested"
+
+
+####################################################################################################
+# The distributed loss: each rank's rows against the gathered columns
+####################################################################################################
+
+def loss_and_grads(model, images, ids, loss_fn):
+    model.zero_grad()
+    loss = loss_fn(*model(images, ids))
+    loss.backward()
+    return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+@given(seed=seeds, world=st.sampled_from([1, 2, 4]), n=st.integers(1, 3))
+def test_local_loss_over_k_fake_ranks_gives_the_global_loss_and_gradients(seed, world, n):
+    """k fake ranks, each scoring its n rows against the gathered N = k n (gathered with gradient),
+    averaged as DDP averages: the same loss and the same gradients as L_CLIP on the whole batch."""
+    gen = torch.Generator().manual_seed(seed)
+    model = tiny_model(seed % 100, torch.float64)
+    images, ids = random_pairs(gen, world * n, torch.float64)
+
+    def fake_ranks(image_emb, text_emb, logit_scale):
+        return sum(clip.clip_loss_local(image_emb[r * n:(r + 1) * n], text_emb[r * n:(r + 1) * n],
+                                        image_emb, text_emb, logit_scale, r) for r in range(world)) / world
+
+    loss_g, grads_g = loss_and_grads(model, images, ids, clip.clip_loss_global)
+    loss_l, grads_l = loss_and_grads(model, images, ids, fake_ranks)
+    torch.testing.assert_close(loss_l, loss_g)
+    for name in grads_g:
+        torch.testing.assert_close(grads_l[name], grads_g[name], msg=name)
+
+
+def test_a_gather_without_gradient_would_lose_the_cross_rank_terms():
+    """Why the gather must carry gradients: detaching the other ranks' rows changes the update."""
+    gen = torch.Generator().manual_seed(0)
+    model = tiny_model(0, torch.float64)
+    world, n = 2, 3
+    images, ids = random_pairs(gen, world * n, torch.float64)
+
+    def detached_gather(image_emb, text_emb, logit_scale):
+        total = 0
+        for r in range(world):
+            own = slice(r * n, (r + 1) * n)
+            image_all, text_all = image_emb.detach().clone(), text_emb.detach().clone()
+            image_all[own], text_all[own] = image_emb[own], text_emb[own]
+            total = total + clip.clip_loss_local(image_emb[own], text_emb[own], image_all, text_all, logit_scale, r)
+        return total / world
+
+    _, grads_g = loss_and_grads(model, images, ids, clip.clip_loss_global)
+    _, grads_d = loss_and_grads(model, images, ids, detached_gather)
+    assert not torch.allclose(grads_d["text_encoder.proj.weight"], grads_g["text_encoder.proj.weight"])
+
+
+def test_gather_with_grad_is_the_identity_in_one_process():
+    x = torch.randn(3, 4, requires_grad=True)
+    assert clip.gather_with_grad(x) is x
+
+
+def _gather_worker(rank, world, init_file, out_file):
+    """One gloo rank: embeds its slice, gathers with gradient, local loss, DDP-style gradient mean."""
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    model = tiny_model(0, torch.float64)
+    images, ids = random_pairs(torch.Generator().manual_seed(0), 6, torch.float64)
+    n = 6 // world
+    image_emb, text_emb, logit_scale = model(images[rank * n:(rank + 1) * n], ids[rank * n:(rank + 1) * n])
+    loss = clip.clip_loss_local(image_emb, text_emb, clip.gather_with_grad(image_emb), clip.gather_with_grad(text_emb),
+                                logit_scale, rank)
+    loss.backward()
+    grads = {}
+    for name, p in model.named_parameters():
+        dist.all_reduce(p.grad)
+        grads[name] = p.grad / world
+    if rank == 0:
+        torch.save(grads, out_file)
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_with_the_real_all_gather_reproduce_the_global_gradient(tmp_path):
+    torch.multiprocessing.spawn(_gather_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "grads.pt")), nprocs=2)
+    grads = torch.load(tmp_path / "grads.pt", weights_only=True)
+    model = tiny_model(0, torch.float64)
+    images, ids = random_pairs(torch.Generator().manual_seed(0), 6, torch.float64)
+    _, expected = loss_and_grads(model, images, ids, clip.clip_loss_global)
+    for name in expected:
+        torch.testing.assert_close(grads[name], expected[name], msg=name)
+
+
+####################################################################################################
+# Zero-shot classification and retrieval
+####################################################################################################
+
+def test_prompt_embeddings_are_the_text_embeddings_of_each_class_prompt():
+    model = tiny_model()
+    prompts = [["a red circle", "a small red circle"], ["a blue square", "a large blue square"]]
+    emb = clip.prompt_embeddings(model, TOK, prompts, TINY.context_length, "cpu")
+    assert emb.shape == (2, 2, TINY.embed_dim)
+    ids, _ = TOK.encode([p for ps in prompts for p in ps], TINY.context_length)
+    with torch.no_grad():
+        torch.testing.assert_close(emb.reshape(4, -1), model.encode_text(ids))
+
+
+def reference_zero_shot_probs(image_emb, prompt_emb, tau):
+    """p(c | x) = sum over the prompts t of class c of softmax_t(s(x, t)), with loops in float64."""
+    B, (C, P, _) = image_emb.shape[0], prompt_emb.shape
+    probs = []
+    for b in range(B):
+        e = [[math.exp(float(image_emb[b] @ prompt_emb[c, p]) / tau) for p in range(P)] for c in range(C)]
+        total = sum(map(sum, e))
+        probs.append([sum(e[c]) / total for c in range(C)])
+    return torch.tensor(probs, dtype=torch.float64)
+
+
+@given(seed=seeds, batch=st.integers(1, 4), classes=st.integers(1, 5), prompts=st.integers(1, 4),
+       logit_scale=st.floats(0.0, clip.LOGIT_SCALE_MAX))
+def test_zero_shot_class_probability_is_the_summed_softmax_of_its_prompts(seed, batch, classes, prompts, logit_scale):
+    gen = torch.Generator().manual_seed(seed)
+    image_emb = unit_rows(gen, batch)
+    prompt_emb = unit_rows(gen, classes * prompts).view(classes, prompts, -1)
+    log_probs = clip.zero_shot_log_probs(image_emb, prompt_emb, torch.tensor(logit_scale, dtype=torch.float64))
+    expected = reference_zero_shot_probs(image_emb, prompt_emb, math.exp(-logit_scale))
+    torch.testing.assert_close(log_probs.exp(), expected)
+    torch.testing.assert_close(log_probs.exp().sum(dim=1), torch.ones(batch, dtype=torch.float64))
+
+
+@given(seed=seeds, classes=st.integers(2, 6), batch=st.integers(1, 10))
+def test_with_one_prompt_per_class_zero_shot_picks_the_most_similar_class_text(seed, classes, batch):
+    gen = torch.Generator().manual_seed(seed)
+    class_emb, image_emb = unit_rows(gen, classes), unit_rows(gen, batch)
+    log_probs = clip.zero_shot_log_probs(image_emb, class_emb[:, None], torch.tensor(clip.LOGIT_SCALE_INIT))
+    brute = [max(range(classes), key=lambda c: float(image_emb[b] @ class_emb[c])) for b in range(batch)]
+    assert log_probs.argmax(dim=1).tolist() == brute
+
+
+def test_shapes_prompts_are_every_caption_the_world_writes_for_the_class():
+    names = clip.shapes_class_names()
+    prompts = clip.zero_shot_prompts("shapes", names)
+    assert len(prompts) == 21 and all(len(p) == len(set(p)) == 54 for p in prompts)
+    for name, class_prompts in zip(names, prompts):
+        color, shape = name.split()
+        assert all(color in p and shape in p for p in class_prompts)
+    split = clip.shapes_split("test", 300, 16, 0)
+    for caption, label in zip(split["captions"], split["labels"]):
+        assert caption in prompts[label]
+    assert clip.zero_shot_prompts("digits.npz", ["zero"]) == [["a zero", "a photo of a zero", "a picture of a zero"]]
+
+
+@given(seed=seeds, n=st.integers(1, 12), groups=st.integers(1, 6))
+def test_retrieval_recall_matches_a_brute_force_count(seed, n, groups):
+    gen = torch.Generator().manual_seed(seed)
+    image_emb, text_emb = unit_rows(gen, n), unit_rows(gen, n)
+    group = torch.randint(0, groups, (n,), generator=gen)
+    recall = clip.retrieval_recall(image_emb, text_emb, group, group, ks=(1, 5))
+    sim = (image_emb @ text_emb.T).tolist()
+    for k in (1, 5):
+        i2t = sum(any(group[j] == group[i] for j in sorted(range(n), key=lambda j: -sim[i][j])[:k]) for i in range(n))
+        t2i = sum(any(group[i] == group[j] for i in sorted(range(n), key=lambda i: -sim[i][j])[:k]) for j in range(n))
+        assert recall[f"i2t_R@{k}"] == pytest.approx(i2t / n)
+        assert recall[f"t2i_R@{k}"] == pytest.approx(t2i / n)
+    assert recall["i2t_R@1"] <= recall["i2t_R@5"] and recall["t2i_R@1"] <= recall["t2i_R@5"]
+
+
+def test_retrieval_is_perfect_when_each_text_embeds_exactly_like_its_image():
+    emb = unit_rows(torch.Generator().manual_seed(0), 20)
+    recall = clip.retrieval_recall(emb, emb.clone(), torch.arange(20), torch.arange(20))
+    assert recall == {"i2t_R@1": 1.0, "i2t_R@5": 1.0, "t2i_R@1": 1.0, "t2i_R@5": 1.0}
+
+
+def test_content_groups_join_pairs_that_show_the_same_thing():
+    split = clip.shapes_split("test", 200, 16, 0)
+    groups = clip.content_groups(split)
+    same = groups[:, None] == groups[None, :]
+    attrs = torch.as_tensor(split["attributes"])
+    assert torch.equal(same, (attrs[:, None] == attrs[None, :]).all(-1))
+    assert torch.equal(clip.content_groups({"captions": ["a", "b", "a"]}), torch.tensor([0, 1, 0]))
+
+
+####################################################################################################
+# Learning
+####################################################################################################
+
+def test_a_small_batch_of_pairs_is_overfit_to_perfect_retrieval():
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(TINY, depth=2, text_depth=2)
+    model = clip.build_model(cfg)
+    split = clip.shapes_split("train", 400, cfg.image_size, 0)
+    keep = np.unique(clip.content_groups(split).numpy(), return_index=True)[1][:8]  # 8 different contents
+    images = clip.images_to_tensor(split["images"][keep])
+    ids = clip.tokenize(TOK, [split["captions"][i] for i in keep], cfg.context_length)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    initial = clip.clip_loss_global(*model(images, ids)).item()
+    for _ in range(150):
+        loss = clip.clip_loss_global(*model(images, ids))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        clip.clamp_logit_scale(model)
+    with torch.no_grad():
+        image_emb, text_emb, _ = model(images, ids)
+    assert loss.item() < 0.05 * initial
+    assert (image_emb @ text_emb.T).argmax(dim=1).tolist() == list(range(8))
+    assert (text_emb @ image_emb.T).argmax(dim=1).tolist() == list(range(8))
+
+
+####################################################################################################
+# Checkpoint and resume
+####################################################################################################
+
+def tiny_args(out_dir, *extra):
+    return ["--preset", "tiny", "--out_dir", str(out_dir), *map(str, extra)]
+
+
+def logged_losses(out_dir):
+    return [r["loss"] for r in map(json.loads, open(out_dir / "log.jsonl")) if "loss" in r]
+
+
+def test_n_steps_then_resume_then_m_steps_equals_n_plus_m_steps_bitwise(tmp_path):
+    common = ["--max_steps", 8, "--log_every", 1]
+    clip.main(tiny_args(tmp_path / "a", *common, "--stop_step", 3))
+    assert torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)["step"] == 3
+    clip.main(tiny_args(tmp_path / "a", *common, "--resume", tmp_path / "a" / "ckpt.pt"))
+    clip.main(tiny_args(tmp_path / "b", *common))
+    resumed = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)
+    straight = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)
+    assert resumed["step"] == straight["step"] == 8
+    for name, tensor in straight["model"].items():
+        assert torch.equal(resumed["model"][name], tensor), name
+    assert logged_losses(tmp_path / "a") == logged_losses(tmp_path / "b")
+
+
+def test_eval_only_takes_the_config_from_the_checkpoint_and_reproduces_its_metrics(tmp_path):
+    trained = clip.main(tiny_args(tmp_path, "--embed_dim", 24))
+    again = clip.main(["--eval_only", "1", "--resume", str(tmp_path / "ckpt.pt"), "--out_dir", str(tmp_path / "eval")])
+    for key in ["zero_shot_test_accuracy", "zero_shot_heldout_accuracy", "t2i_R@1", "i2t_R@5"]:
+        assert again[key] == trained[key], key
+    assert (tmp_path / "eval" / "similarity.png").exists() and (tmp_path / "eval" / "retrieval.png").exists()
+
+
+####################################################################################################
+# CLI
+####################################################################################################
+
+def test_cli_trains_evaluates_and_writes_metrics_and_pictures(tmp_path):
+    metrics = clip.main(tiny_args(tmp_path))
+    for key in ["zero_shot_test_accuracy", "zero_shot_heldout_accuracy", "zero_shot_chance",
+                "zero_shot_test_accuracy_bare_prompt", "zero_shot_heldout_accuracy_bare_prompt",
+                "i2t_R@1", "i2t_R@5", "t2i_R@1", "t2i_R@5", "final_loss", "wall_time_s"]:
+        assert key in metrics, key
+    assert metrics["zero_shot_chance"] == pytest.approx(1 / 21)
+    assert json.loads((tmp_path / "metrics.json").read_text())["t2i_R@5"] == metrics["t2i_R@5"]
+    for name in ["similarity.png", "retrieval.png"]:
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+
+
+def test_cli_trains_on_an_npz_of_images_and_captions(tmp_path):
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 4, 80)
+    images = (labels[:, None, None, None] * 60 + rng.integers(0, 30, (80, 8, 8, 1))).astype(np.uint8)
+    captions = np.array([f"brightness level {k}" for k in labels])
+    np.savez(tmp_path / "quad.npz", images=images, captions=captions)
+    metrics = clip.main(tiny_args(tmp_path / "o", "--data", tmp_path / "quad.npz", "--image_size", 8, "--patch_size", 2,
+                                  "--max_steps", 150, "--lr", 3e-3))
+    assert metrics["test_size"] == 8 and "zero_shot_test_accuracy" not in metrics  # no labels: retrieval only
+    assert metrics["t2i_R@1"] == 1.0 and metrics["i2t_R@1"] == 1.0
+
+
+def test_script_runs_from_the_command_line(tmp_path):
+    out = subprocess.run([sys.executable, "clip.py", *tiny_args(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr
+    assert "step       6/6" in out.stdout and "zero_shot_test_accuracy" in out.stdout
+
+
+####################################################################################################
+# Bad input: one clear error naming the flag or the file
+####################################################################################################
+
+def test_image_size_not_divisible_by_patch_is_a_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match="--image_size 18 is not divisible by --patch_size 4"):
+        clip.main(tiny_args(tmp_path, "--image_size", 18))
+
+
+def test_text_width_not_divisible_by_its_heads_is_a_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match="--text_dim 30 is not divisible by --text_heads 4"):
+        clip.main(tiny_args(tmp_path, "--text_dim", 30, "--text_heads", 4))
+
+
+def test_caption_longer_than_the_context_is_a_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match="--context_length 20: a text of .* UTF-8 bytes does not fit"):
+        clip.main(tiny_args(tmp_path, "--context_length", 20))
+    assert not (tmp_path / "ckpt.pt").exists()
+
+
+@pytest.mark.parametrize("content, message", [
+    (dict(pixels=np.zeros((4, 8, 8, 3), np.uint8)), "missing key 'images'"),
+    (dict(images=np.zeros((4, 8, 8, 3), np.float32), captions=np.array(["a"] * 4)), "must be uint8"),
+    (dict(images=np.zeros((0, 8, 8, 3), np.uint8)), "is empty"),
+    (dict(images=np.zeros((40, 8, 8, 3), np.uint8)), "needs a 'captions' array"),
+    (dict(images=np.zeros((4, 8, 8, 3), np.uint8), captions=np.array(["a"] * 3)), "'captions' must have shape"),
+    (dict(images=np.zeros((4, 16, 16, 3), np.uint8), captions=np.array(["a"] * 4)), "pass --image_size 16"),
+    (None, "not a readable .npz"),
+])
+def test_malformed_npz_is_a_clear_error(tmp_path, content, message):
+    path = tmp_path / "bad.npz"
+    if content is None:
+        path.write_bytes(b"this is not a zip file")
+    else:
+        np.savez(path, **content)
+    with pytest.raises(SystemExit, match=message):
+        clip.main(tiny_args(tmp_path, "--data", path, "--image_size", 8, "--patch_size", 2))
+
+
+def test_batch_larger_than_the_data_is_a_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match="--batch_size 512 is larger than the 256 training pairs"):
+        clip.main(tiny_args(tmp_path, "--batch_size", 512))
+
+
+def test_resume_from_another_models_or_config_or_a_corrupt_checkpoint_is_a_clear_error(tmp_path):
+    clip.main(tiny_args(tmp_path))
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    torch.save({**ckpt, "model_name": "vit"}, tmp_path / "other.pt")
+    with pytest.raises(SystemExit, match="checkpoint of 'vit', not of 'clip'"):
+        clip.main(tiny_args(tmp_path, "--resume", tmp_path / "other.pt"))
+    with pytest.raises(SystemExit, match=r"another config \(embed_dim: checkpoint 16, now 8\)"):
+        clip.main(tiny_args(tmp_path, "--resume", tmp_path / "ckpt.pt", "--embed_dim", 8))
+    data = (tmp_path / "ckpt.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(SystemExit, match="corrupt or truncated"):
+        clip.main(tiny_args(tmp_path, "--resume", tmp_path / "cut.pt"))
+
+
+def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+    with pytest.raises(FloatingPointError, match="non-finite loss .* at step 2"):
+        clip.main(tiny_args(tmp_path, "--lr", 1e30, "--warmup_steps", 0, "--grad_clip", 0, "--log_every", 1,
+                            "--ckpt_every", 1))
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 1
+
+
+####################################################################################################
+# Slow: compile and DDP
+####################################################################################################
+
+@pytest.mark.slow
+def test_compiled_tiny_preset_trains_on_cpu(tmp_path):
+    metrics = clip.main(tiny_args(tmp_path, "--compile", 1, "--max_steps", 2, "--device", "cpu"))
+    assert metrics["steps"] == 2 and np.isfinite(metrics["final_loss"])
+
+
+@pytest.mark.slow
+def test_two_process_ddp_gives_the_single_process_loss_curve(tmp_path):
+    """With the embeddings gathered with gradients, two ranks of 8 pairs train exactly as one
+    process with the global batch of 16 (the loss of every step is the global L_CLIP)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = tiny_args(tmp_path / "ddp", "--max_steps", 6, "--log_every", 1, "--device", "cpu")
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "clip.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    clip.main(tiny_args(tmp_path / "one", "--max_steps", 6, "--log_every", 1, "--device", "cpu"))
+    start = json.loads(open(tmp_path / "ddp" / "log.jsonl").readline())
+    assert start["world_size"] == 2
+    np.testing.assert_allclose(logged_losses(tmp_path / "ddp"), logged_losses(tmp_path / "one"), rtol=1e-4)
+
+
+####################################################################################################
+# GPU only
+####################################################################################################
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@cuda
+def test_bf16_compiled_training_on_cuda(tmp_path):
+    metrics = clip.main(tiny_args(tmp_path, "--device", "cuda", "--max_steps", 4))
+    assert np.isfinite(metrics["final_loss"]) and 0.0 <= metrics["zero_shot_test_accuracy"] <= 1.0
+    start = json.loads(open(tmp_path / "log.jsonl").readline())
+    assert start["device"].startswith("cuda")
+
+
+@cuda
+def test_bf16_autocast_embeddings_close_to_fp32_on_cuda():
+    model = tiny_model().cuda().eval()
+    images, ids = random_pairs(torch.Generator().manual_seed(0), 8)
+    images, ids = images.cuda(), ids.cuda()
+    with torch.no_grad():
+        ref = model(images, ids)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            low = model(images, ids)
+    for a, b in zip(low[:2], ref[:2]):
+        torch.testing.assert_close(a.float(), b, rtol=0.05, atol=0.05)
