@@ -806,6 +806,7 @@ def setup_runtime(cfg):
 # Copied from vit.cleanup_runtime
 def cleanup_runtime(rt):
     if rt.world_size > 1 and dist.is_initialized():
+        dist.barrier()  # rank 0 may still be evaluating; tearing gloo down under it aborts
         dist.destroy_process_group()
 
 
