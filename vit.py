@@ -319,6 +319,7 @@ def mean_attention_distance(attn, grid, patch_size, num_prefix_tokens=1, query_m
     rows, cols = torch.meshgrid(torch.arange(grid[0]), torch.arange(grid[1]), indexing="ij")
     centres = torch.stack([rows.flatten(), cols.flatten()], dim=1).float() * patch_size  # (N, 2)
     dist_px = torch.cdist(centres, centres).to(a.device)  # (N, N)
+    # Eq (ViT Fig. 7, the Lec11 claim measured): d_i = sum_j a_ij ||pos_i - pos_j||
     per_query = (a * dist_px).sum(dim=-1)  # (B, nh, N)
     if query_mask is None:
         return per_query.mean(dim=(0, 2))
