@@ -15,7 +15,8 @@ as named in the notes:
 Measured with the cpu preset (24 px, 1200 steps of batch 64, fp32 on 2 CPU cores): the detector
 finds the requested (shape, color) in 100% of 144 samples at w = 2 with Heun, 10 steps (97% at
 w = 0); Euler needs only NFE 4 for 96%; the path straightness gap is 0.009 (Euler, 100 steps),
-where ddpm.py's DDIM on the same U-Net measures about 0.1.
+where ddpm.py's DDIM on the same U-Net measures about 0.1. A 300-step reflow pass on 1024
+couplings halves the gap at w = 0 (0.0034 -> 0.0017) and lifts one-step Euler from 2% to 67%.
 
 Exact oracles that the tests integrate against: marginal_velocity() is the field that minimises
 L_CFM for a finite data set (Euler with it reaches a training point), gaussian_velocity() and
@@ -1323,6 +1324,7 @@ def train(cfg):
                     metrics["straightness_before_reflow"] = measure_straightness(teacher, data, cfg, rt)
                 pairs = make_reflow_pairs(teacher, data, cfg, rt)
                 logger.print(f"reflow: {cfg.reflow_pairs} couplings from the flow of step {cfg.max_steps}")
+                t_log, step_log = time.time(), step  # time spent on the couplings is not step time
             phase_step = step - cfg.max_steps if reflow else step
             lr = cosine_lr(phase_step, cfg.reflow_steps if reflow else cfg.max_steps, cfg.lr, cfg.min_lr, cfg.warmup_steps)
             for group in optimizer.param_groups:
