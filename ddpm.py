@@ -135,6 +135,20 @@ class Config:
     eval_only: bool = False  # with --resume: only evaluate the checkpoint and write the grids
 
 
+# The accepted range of each numeric field, checked before any work (check_config). A field not
+# listed is an integer >= 1 or a finite float > 0.
+RANGES = {"attn_levels": ">= 0", "dropout": "[0, 1)", "timesteps": ">= 2", "p_uncond": "[0, 1)", "ema_decay": "[0, 1]",
+          "cfg_w": ">= 0", "eta": ">= 0", "clip_x0": ">= 0", "cls_steps": ">= 0", "min_lr": ">= 0",
+          "warmup_steps": ">= 0", "weight_decay": ">= 0", "grad_clip": ">= 0", "seed": ">= 0", "eval_every": ">= 0",
+          "stop_step": ">= 0"}
+
+# Fields that may change when a run is resumed (any other difference is an error), and that
+# --eval_only takes from the command line: vit.py's, plus the sampler, the evaluation and the
+# classifier's length, so that one checkpoint can be sampled and evaluated in many ways.
+RUNTIME_FIELDS = ("device", "dtype", "compile", "out_dir", "log_every", "eval_every", "ckpt_every",
+                  "resume", "stop_step", "eval_only", "max_steps", "cls_steps", "cfg_w", "sampler", "sample_steps",
+                  "eta", "variance", "clip_x0", "eval_per_class", "eval_ws", "eval_cls_ws", "eval_steps")
+
 # The Config defaults are the cpu preset; the others override a few fields.
 PRESETS = {
     "tiny": dict(image_size=16, base_channels=8, num_levels=2, num_heads=2, cls_channels=4, n_train=128,
@@ -360,20 +374,21 @@ def cosine_betas(T, s=0.008, max_beta=0.999):
     return (1 - abar[1:] / abar[:-1]).clamp(max=max_beta)
 
 
-def make_schedule(betas, timesteps=None):
+def make_schedule(betas, timesteps=None, abar=None):
     """All tables of the forward process from betas (T,), in float64.
 
     Index convention: array index i = 0..T-1 is the lecture's step t = i + 1, so abar[i] is
     abar_{i+1} and x at index i is x_{i+1}; abar_prev[i] = abar_{i} with abar_0 = 1 (clean data).
     timesteps[i] is the time index the network is told at entry i: i itself for the full chain,
-    the original index for a respaced one.
+    the original index for a respaced one. abar, when given, is taken as it is rather than
+    rebuilt as the product of the alphas (respacing keeps the original abar at the kept steps).
     """
     betas = betas.to(torch.float64)
     T = betas.shape[0]
     # Eq (Lec15 forward): alpha_t = 1 - beta_t
     alphas = 1 - betas
     # Eq (Lec15 abar): abar_t = prod_{i<=t} alpha_i
-    abar = torch.cumprod(alphas, dim=0)
+    abar = torch.cumprod(alphas, dim=0) if abar is None else abar.to(torch.float64)
     abar_prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
     return {
         "betas": betas,
@@ -411,13 +426,15 @@ def spaced_timesteps(T, num_steps):
 def respace(sched, num_steps):
     """The chain restricted to a subsequence tau of the time indices, betas recomputed on it.
 
-    beta'_i = 1 - abar[tau_i] / abar[tau_{i-1}] keeps the same abar at the kept times, so the
-    marginals q(x_tau | x_0) and the network's inputs are unchanged (Nichol & Dhariwal 2021).
+    beta'_i = 1 - abar[tau_i] / abar[tau_{i-1}] gives the same abar at the kept times, so the
+    marginals q(x_tau | x_0) and the network's inputs are unchanged (Nichol & Dhariwal 2021). The
+    kept abar are passed on as they are: their product rebuilt from the beta' would differ from
+    them by round-off (up to 4e-9 relative on the cosine schedule).
     """
     tau = spaced_timesteps(len(sched["betas"]), num_steps)
     abar = sched["abar"][tau]
     abar_prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
-    return make_schedule(1 - abar / abar_prev, timesteps=sched["timesteps"][tau])
+    return make_schedule(1 - abar / abar_prev, timesteps=sched["timesteps"][tau], abar=abar)
 
 
 def _at(table, t, x):
@@ -622,6 +639,8 @@ def ddim_sample(eps_fn, sched, x_T, eta=0.0, clip_x0=None, generator=None, retur
         # Eq (DDIM eq. 16): sigma_i(eta) = eta sqrt(beta_tilde_i)
         s = eta * float(sched["beta_tilde"][i]) ** 0.5
         # Eq (DDIM eq. 12): x_{t-1} = sqrt(abar_{t-1}) x0_hat + sqrt(1 - abar_{t-1} - s^2) eps + s n
+        # Eq (Lec15 probability-flow ODE): dz = [f(t) z - g(t)^2 grad log p_t(z) / 2] dt; with s = 0
+        # this step is its Euler step in (z / a_t, sigma_t / a_t), where the ODE reads d(z/a) = eps d(sigma/a)
         z = abar_prev ** 0.5 * x0 + max(1 - abar_prev - s * s, 0.0) ** 0.5 * eps
         if s > 0:
             z = z + s * torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
@@ -644,526 +663,7 @@ def path_straightness(traj):
 
 
 # ----------------------------------------------------------------------------------------------
-# Data: the shapes world and the .npz loader (checked copies of vit.py)
-# ----------------------------------------------------------------------------------------------
-
-# Copied from vit.SHAPES
-SHAPES = ("circle", "square", "triangle")
-
-# Copied from vit.COLOR_NAMES
-COLOR_NAMES = ("red", "green", "blue", "yellow", "magenta", "cyan", "white")
-
-# Copied from vit.COLOR_RGB
-COLOR_RGB = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 0], [255, 0, 255],
-                      [0, 255, 255], [255, 255, 255]], dtype=np.float32)
-
-# Copied from vit.SIZES
-SIZES = ("small", "large")
-
-# Copied from vit.POSITIONS
-POSITIONS = ("top left", "top", "top right", "left", "center", "right",
-             "bottom left", "bottom", "bottom right")
-
-# Copied from vit.HELDOUT_PAIRS
-HELDOUT_PAIRS = (("circle", "green"), ("square", "magenta"), ("triangle", "cyan"))
-
-# Copied from vit.SPLITS
-SPLITS = ("train", "test", "heldout")
-
-# Copied from vit.HALF_EXTENT
-HALF_EXTENT = (0.25, 0.40)  # half the shape's side, as a fraction of a grid cell, small / large
-
-# Copied from vit.JITTER
-JITTER = 0.08  # uniform jitter of the centre, as a fraction of a grid cell
-
-
-# Copied from vit.InputError
-class InputError(ValueError):
-    """Bad input from the user (a flag, a data file, a checkpoint): reported as one clear line."""
-
-# Copied from vit.shapes_class_names
-def shapes_class_names():
-    """Class index = shape * len(COLOR_NAMES) + color; name 'red circle'."""
-    return [f"{c} {s}" for s in SHAPES for c in COLOR_NAMES]
-
-# Copied from vit.shapes_caption
-def shapes_caption(attrs, phrasing):
-    """Plain-English caption of (shape, color, size, position) in one of three phrasings."""
-    shape, color, size, pos = (SHAPES[attrs[0]], COLOR_NAMES[attrs[1]], SIZES[attrs[2]], POSITIONS[attrs[3]])
-    return (f"a {size} {color} {shape} at the {pos}",
-            f"a {color} {shape}, {size}, at the {pos}",
-            f"there is a {size} {color} {shape} in the {pos}")[phrasing % 3]
-
-# Copied from vit.shapes_attributes
-def shapes_attributes(split, n, seed):
-    """Attributes (n, 4) [shape, color, size, position], jitter (n, 2), phrasing (n,) of a split.
-
-    Sample i depends only on (seed, split, i). train and test draw i.i.d. from the 18 seen
-    (shape, color) pairs; heldout draws only the 3 HELDOUT_PAIRS.
-    """
-    heldout = {(SHAPES.index(s), COLOR_NAMES.index(c)) for s, c in HELDOUT_PAIRS}
-    all_pairs = [(s, c) for s in range(len(SHAPES)) for c in range(len(COLOR_NAMES))]
-    pairs = [p for p in all_pairs if (p in heldout) == (split == "heldout")]
-    attrs = np.zeros((n, 4), dtype=np.int64)
-    jitter = np.zeros((n, 2), dtype=np.float64)
-    phrasing = np.zeros(n, dtype=np.int64)
-    for i in range(n):
-        rng = np.random.default_rng([seed, SPLITS.index(split), i])
-        attrs[i, :2] = pairs[rng.integers(len(pairs))]
-        attrs[i, 2] = rng.integers(len(SIZES))
-        attrs[i, 3] = rng.integers(len(POSITIONS))
-        jitter[i] = rng.uniform(-JITTER, JITTER, size=2)
-        phrasing[i] = rng.integers(3)
-    return attrs, jitter, phrasing
-
-# Copied from vit.shape_coverage
-def shape_coverage(shape, cx, cy, h, image_size, supersample=4):
-    """Share of each pixel a shape covers, (n, S, S) float32: shape index, centre (cx, cy) and
-    half extent h in pixels, each (n,). Triangles point up, their base 2h wide."""
-    S, ss = image_size, supersample
-    fine = (np.arange(S * ss) + 0.5) / ss  # sub-pixel centres in pixel units
-    out = np.zeros((len(shape), S, S), dtype=np.float32)
-    for lo in range(0, len(shape), 256):
-        k, h_ = shape[lo:lo + 256, None, None], h[lo:lo + 256, None, None]
-        dy = fine[None, :, None] - cy[lo:lo + 256, None, None]  # (n, S*ss, 1)
-        dx = fine[None, None, :] - cx[lo:lo + 256, None, None]  # (n, 1, S*ss)
-        circle = dx ** 2 + dy ** 2 <= h_ ** 2
-        square = (np.abs(dx) <= h_) & (np.abs(dy) <= h_)
-        triangle = (np.abs(dy) <= h_) & (np.abs(dx) <= (dy + h_) / 2)
-        inside = np.where(k == 0, circle, np.where(k == 1, square, triangle))
-        out[lo:lo + 256] = inside.reshape(len(k), S, ss, S, ss).mean(axis=(2, 4))
-    return out
-
-# Copied from vit.render_shapes
-def render_shapes(attrs, jitter, image_size):
-    """Anti-aliased renders (n, S, S, 3) uint8 of one shape each on a black background."""
-    cell = image_size / 3.0
-    cy = (attrs[:, 3] // 3 + 0.5 + jitter[:, 0]) * cell
-    cx = (attrs[:, 3] % 3 + 0.5 + jitter[:, 1]) * cell
-    h = np.array(HALF_EXTENT)[attrs[:, 2]] * cell
-    coverage = shape_coverage(attrs[:, 0], cx, cy, h, image_size)
-    return np.round(coverage[..., None] * COLOR_RGB[attrs[:, 1]][:, None, None, :]).astype(np.uint8)
-
-# Copied from vit.detect_attributes
-def detect_attributes(images):
-    """Analytic detector: uint8 (n, S, S, 3) -> attributes (n, 4), all -1 where no shape is found.
-
-    Coverage m = max channel / 255 (every palette color has a channel at 255). Color: the palette
-    entry nearest to the coverage-weighted mean color. Shape and size: the best of the six
-    (shape, size) templates, each rendered at the centre implied by the observed centroid, by
-    L1 distance to m. Position: the grid cell of that centre. No learning involved.
-    """
-    x = images.astype(np.float32)
-    n, S = x.shape[0], x.shape[1]
-    cell = S / 3.0
-    m = x.max(axis=3) / 255.0  # (n, S, S)
-    m_fg = np.where(m > 0.2, m, 0.0)  # faint pixels (noise in generated samples) are background
-    area = m_fg.sum(axis=(1, 2))
-    safe = np.maximum(area, 1e-6)
-    mean_rgb = (x * (m_fg > 0)[..., None]).sum(axis=(1, 2)) / safe[:, None]  # (n, 3)
-    color = ((mean_rgb[:, None, :] - COLOR_RGB[None]) ** 2).sum(-1).argmin(axis=1)
-    coords = np.arange(S) + 0.5
-    cy = (m_fg.sum(axis=2) * coords).sum(axis=1) / safe
-    cx = (m_fg.sum(axis=1) * coords).sum(axis=1) / safe
-    errors, centres = [], []
-    for shape in range(len(SHAPES)):
-        for size in range(len(SIZES)):
-            h = np.full(n, HALF_EXTENT[size] * cell)
-            cy_shape = cy - h / 3 if shape == 2 else cy  # a triangle's centroid lies h/3 below its centre
-            template = shape_coverage(np.full(n, shape), cx, cy_shape, h, S, supersample=2)
-            errors.append(np.abs(template - m_fg).sum(axis=(1, 2)))
-            centres.append(cy_shape)
-    best = np.argmin(np.stack(errors), axis=0)  # (n,) index of shape * len(SIZES) + size
-    shape, size = best // len(SIZES), best % len(SIZES)
-    centre_y = np.stack(centres)[best, np.arange(n)]
-    position = np.clip(centre_y // cell, 0, 2) * 3 + np.clip(cx // cell, 0, 2)
-    attrs = np.stack([shape, color, size, position], axis=1).astype(np.int64)
-    attrs[area < 0.5] = -1
-    return attrs
-
-# Copied from vit.shapes_split
-def shapes_split(split, n, image_size, seed):
-    """One split of the shapes world as a dict: images, labels, attributes, captions."""
-    attrs, jitter, phrasing = shapes_attributes(split, n, seed)
-    return {"images": render_shapes(attrs, jitter, image_size),
-            "labels": attrs[:, 0] * len(COLOR_NAMES) + attrs[:, 1],
-            "attributes": attrs,
-            "captions": [shapes_caption(a, p) for a, p in zip(attrs, phrasing)]}
-
-# Copied from vit.load_npz
-def load_npz(path):
-    """Real data: images (N, H, W, C) uint8, optional labels (N,), captions (N,), class_names."""
-    if not os.path.isfile(path):
-        raise InputError(f"--data {path}: no such file; pass an .npz with an 'images' array or 'shapes'")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-    except Exception as e:
-        raise InputError(f"--data {path}: not a readable .npz file ({type(e).__name__}: {e})") from None
-    images = arrays.get("images")
-    if images is None:
-        raise InputError(f"--data {path}: missing key 'images' (found {sorted(arrays)})")
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] not in (1, 3):
-        raise InputError(f"--data {path}: 'images' must be uint8 (N, H, W, C) with C in (1, 3), "
-                         f"got {images.dtype} {images.shape}")
-    if len(images) == 0:
-        raise InputError(f"--data {path}: 'images' is empty")
-    out = {"images": images}
-    if "labels" in arrays:
-        labels = arrays["labels"]
-        if labels.shape != (len(images),) or not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0:
-            raise InputError(f"--data {path}: 'labels' must be non-negative integers of shape "
-                             f"({len(images)},), got {labels.dtype} {labels.shape}")
-        out["labels"] = labels.astype(np.int64)
-        names = arrays.get("class_names")
-        num_classes = int(labels.max()) + 1 if names is None else len(names)
-        if labels.max() >= num_classes:
-            raise InputError(f"--data {path}: a label is >= len(class_names) = {num_classes}")
-        out["class_names"] = [str(s) for s in names] if names is not None else [str(i) for i in range(num_classes)]
-    if "captions" in arrays:
-        if arrays["captions"].shape != (len(images),):
-            raise InputError(f"--data {path}: 'captions' must have shape ({len(images)},)")
-        out["captions"] = [str(s) for s in arrays["captions"]]
-    return out
-
-# Copied from vit.load_data
-def load_data(data, image_size, n_train, n_test, seed):
-    """{'train', 'test', 'heldout' (shapes only): split dicts, 'class_names', 'channels'}."""
-    if data == "shapes":
-        splits = {"train": shapes_split("train", n_train, image_size, seed),
-                  "test": shapes_split("test", n_test, image_size, seed),
-                  "heldout": shapes_split("heldout", n_test, image_size, seed)}
-        return {**splits, "class_names": shapes_class_names(), "channels": 3}
-    arrays = load_npz(data)
-    images = arrays["images"]
-    if images.shape[1:3] != (image_size, image_size):
-        raise InputError(f"--data {data}: images are {images.shape[1]}x{images.shape[2]}, but "
-                         f"--image_size is {image_size}; pass --image_size {images.shape[1]} (square images only)")
-    if len(images) < 2:
-        raise InputError(f"--data {data}: need at least 2 images to make a train and a test split")
-    # A fixed 90/10 split, the same for every seed, so that test numbers are comparable.
-    order = np.random.default_rng(0).permutation(len(images))
-    n_te = max(1, len(images) // 10)
-    out = {"class_names": arrays.get("class_names"), "channels": images.shape[3]}
-    for name, idx in (("test", order[:n_te]), ("train", order[n_te:])):
-        out[name] = {k: ([v[i] for i in idx] if isinstance(v, list) else v[idx])
-                     for k, v in arrays.items() if k != "class_names"}
-    return out
-
-# Copied from vit.images_to_tensor
-def images_to_tensor(images):
-    """uint8 (N, H, W, C) array or tensor -> float (N, C, H, W) in [-1, 1]."""
-    x = torch.as_tensor(images)
-    return x.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
-
-# Copied from vit.tensor_to_images
-def tensor_to_images(x):
-    """float (N, C, H, W) in [-1, 1] -> uint8 (N, H, W, C) numpy array (values clipped)."""
-    x = ((x.detach().float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
-    return x.permute(0, 2, 3, 1).cpu().numpy()
-
-# Copied from vit.batch_indices
-def batch_indices(step, n, batch_size, seed, rank=0, world_size=1):
-    """This rank's slice of the global batch at `step`: a fresh permutation each epoch.
-
-    A pure function of (step, seed), so that resuming at step s sees the same data as an
-    uninterrupted run, and the ranks' slices together are exactly the single-process batch.
-    """
-    steps_per_epoch = n // batch_size
-    epoch, i = divmod(step, steps_per_epoch)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
-    batch = perm[i * batch_size:(i + 1) * batch_size]
-    per_rank = batch_size // world_size
-    return batch[rank * per_rank:(rank + 1) * per_rank]
-
-
-# ----------------------------------------------------------------------------------------------
-# Runtime: CLI, device and precision, DDP, schedule, logging, checkpoints, pictures
-# ----------------------------------------------------------------------------------------------
-
-# Copied from vit.config_help
-def config_help(config_cls):
-    """Each Config field's trailing comment, read from the source: the comment is the --help."""
-    try:
-        source = inspect.getsource(config_cls)
-    except (OSError, TypeError):
-        return {}
-    return {m.group(1): m.group(2) for m in re.finditer(r"^\s+(\w+):[^#\n]*#\s*(.*)$", source, re.M)}
-
-# Copied from vit.parse_config
-def parse_config(config_cls, presets, argv=None, description=None):
-    """`--preset NAME` picks the base (Config defaults are 'cpu'); `--field value` overrides it."""
-    helps = config_help(config_cls)
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--preset", choices=list(presets), default="cpu",
-                        help="base configuration; flags override it (default: cpu)")
-
-    def boolean(s):
-        if s.lower() not in ("0", "1", "true", "false"):
-            raise argparse.ArgumentTypeError(f"expected 0/1/true/false, got {s!r}")
-        return s.lower() in ("1", "true")
-
-    for f in fields(config_cls):
-        kind = boolean if isinstance(f.default, bool) else type(f.default)
-        parser.add_argument(f"--{f.name}", type=kind, default=argparse.SUPPRESS,
-                            help=f"{helps.get(f.name, '')} (default: {f.default})")
-    args = vars(parser.parse_args(argv))
-    preset = args.pop("preset")
-    return config_cls(**{**presets[preset], **args})
-
-# Copied from vit.Runtime
-@dataclass
-class Runtime:
-    """Where and how this process runs: device, autocast dtype, DDP rank."""
-    device: torch.device
-    amp_dtype: torch.dtype | None  # None: plain fp32
-    compile: bool
-    rank: int = 0
-    local_rank: int = 0
-    world_size: int = 1
-
-    @property
-    def master(self):
-        return self.rank == 0
-
-    def autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
-
-# Copied from vit.setup_runtime
-def setup_runtime(cfg):
-    """Device (auto: cuda > mps > cpu), precision, TF32, seeding and, under torchrun, DDP."""
-    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    if cfg.device == "auto":
-        if torch.cuda.is_available():
-            device = torch.device("cuda", local_rank)
-        elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            device = torch.device("mps")
-        else:
-            device = torch.device("cpu")
-    else:
-        device = torch.device(cfg.device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise InputError(f"--device {cfg.device}: CUDA is not available here; use --device cpu or auto")
-    if device.type == "cuda" and (device.index is None or world_size > 1):
-        device = torch.device("cuda", local_rank)  # set_device needs an index; one GPU per rank
-    if cfg.dtype not in ("auto", "float32", "bfloat16"):
-        raise InputError(f"--dtype {cfg.dtype}: expected auto, float32 or bfloat16")
-    if cfg.compile not in ("auto", "0", "1"):
-        raise InputError(f"--compile {cfg.compile}: expected auto, 0 or 1")
-    bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    # The same seed on every rank: identical initial weights; DDP also broadcasts rank 0's.
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    compile_on = cfg.compile == "1" or (cfg.compile == "auto" and device.type == "cuda")
-    return Runtime(device, torch.bfloat16 if bf16 else None, compile_on, rank, local_rank, world_size)
-
-# Copied from vit.cleanup_runtime
-def cleanup_runtime(rt):
-    if rt.world_size > 1 and dist.is_initialized():
-        dist.barrier()  # rank 0 may still be evaluating; tearing gloo down under it aborts
-        dist.destroy_process_group()
-
-# Copied from vit.prepare_model
-def prepare_model(model, rt):
-    """Move to the device, then compile and wrap in DDP as the runtime says; returns the model to call."""
-    model.to(rt.device)
-    run_model = torch.compile(model) if rt.compile else model
-    if rt.world_size > 1:
-        run_model = nn.parallel.DistributedDataParallel(run_model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None)
-    return run_model
-
-# Copied from vit.make_optimizer
-def make_optimizer(model, lr, weight_decay, rt, betas=(0.9, 0.999)):
-    """AdamW with decay on matrices only (not norms, biases, embeddings); fused on CUDA."""
-    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2 and "embed" not in n and "token" not in n]
-    ids = {id(p) for p in decay}
-    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=rt.device.type == "cuda")
-
-# Copied from vit.cosine_lr
-def cosine_lr(step, max_steps, lr, min_lr, warmup_steps):
-    """Linear warm-up to lr, then cosine decay to min_lr at max_steps."""
-    if step < warmup_steps:
-        return lr * (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
-    return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * progress))
-
-# Copied from vit.peak_flops
-def peak_flops(device):
-    """Dense bf16 peak FLOP/s of known GPUs, for MFU; None where unknown."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    table = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12,
-             "L40": 181e12, "4090": 165e12, "A6000": 155e12, "3090": 71e12}
-    return next((v for k, v in table.items() if k in name), None)
-
-# Copied from vit.format_progress
-def format_progress(step, total, loss, lr, ms_per_step, items_per_s, eta_s, mfu=None, unit="img"):
-    """One fixed-width progress line."""
-    eta = f"{int(eta_s // 3600):d}:{int(eta_s % 3600 // 60):02d}:{int(eta_s % 60):02d}"
-    line = (f"step {step:>7d}/{total:<7d} | loss {loss:9.4f} | lr {lr:.2e} | {ms_per_step:8.1f} ms/step"
-            f" | {items_per_s:9.1f} {unit}/s | eta {eta}")
-    return line + (f" | mfu {100 * mfu:5.1f}%" if mfu is not None else "")
-
-# Copied from vit.Logger
-class Logger:
-    """Rank-0 printing and a log.jsonl whose first line records the config and the versions."""
-
-    def __init__(self, out_dir, cfg, rt, append=False):
-        self.enabled = rt.master
-        self.path = os.path.join(out_dir, "log.jsonl")
-        if self.enabled:
-            os.makedirs(out_dir, exist_ok=True)
-            if not append:
-                open(self.path, "w").close()
-            self.log({"event": "start", "config": asdict(cfg), "argv": sys.argv, "python": sys.version.split()[0],
-                      "torch": torch.__version__, "numpy": np.__version__, "device": str(rt.device),
-                      "world_size": rt.world_size})
-
-    def print(self, *args):
-        if self.enabled:
-            print(*args, flush=True)
-
-    def log(self, record):
-        if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-
-# Copied from vit.rng_state
-def rng_state():
-    """Every RNG this process uses, as plain data (loadable with weights_only=True)."""
-    np_state = np.random.get_state()
-    return {"python": random.getstate(),
-            "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-# Copied from vit.set_rng_state
-def set_rng_state(state):
-    random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
-    np_state = state["numpy"]
-    np.random.set_state((np_state[0], np.array(np_state[1], dtype=np.uint32), *np_state[2:]))
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-# Copied from vit.save_checkpoint
-def save_checkpoint(path, state):
-    """Atomic: write a temporary file, then rename it over the old checkpoint."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-# Copied from vit.load_checkpoint
-def load_checkpoint(path, model_name):
-    """Load with weights_only=True and check that it is a checkpoint of this model."""
-    if not os.path.isfile(path):
-        raise InputError(f"--resume {path}: no such file")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise InputError(f"--resume {path}: cannot read the checkpoint, it is corrupt or truncated "
-                         f"({type(e).__name__}); use another checkpoint or start without --resume") from None
-    if not isinstance(ckpt, dict) or "model_name" not in ckpt:
-        raise InputError(f"--resume {path}: not a checkpoint written by this project")
-    if ckpt["model_name"] != model_name:
-        raise InputError(f"--resume {path}: this is a checkpoint of {ckpt['model_name']!r}, not of {model_name!r}")
-    return ckpt
-
-
-# Fields that may change when a run is resumed: vit.py's, plus the sampler, the evaluation and the
-# classifier's length, so that one checkpoint can be sampled and evaluated in many ways.
-RUNTIME_FIELDS = ("device", "dtype", "compile", "out_dir", "log_every", "eval_every", "ckpt_every",
-                  "resume", "stop_step", "eval_only", "max_steps", "cls_steps", "cfg_w", "sampler", "sample_steps",
-                  "eta", "variance", "clip_x0", "eval_per_class", "eval_ws", "eval_cls_ws", "eval_steps")
-
-
-# Copied from vit.resume_config
-def resume_config(cfg, saved):
-    """The config to run with when resuming: the checkpoint's, for evaluation (only runtime fields
-    taken from the command line); for training, the command line's, which must match the checkpoint."""
-    if cfg.eval_only:
-        known = {f.name for f in fields(cfg)}
-        base = type(cfg)(**{k: v for k, v in saved.items() if k in known})
-        return dataclasses.replace(base, **{k: getattr(cfg, k) for k in RUNTIME_FIELDS if hasattr(cfg, k)})
-    differ = [f"{k}: checkpoint {saved.get(k)!r}, now {v!r}" for k, v in asdict(cfg).items()
-              if k not in RUNTIME_FIELDS and saved.get(k) != v]
-    if differ:
-        raise InputError(f"--resume {cfg.resume}: the checkpoint was trained with another config ("
-                         + "; ".join(differ) + "); pass the same flags as the original run")
-    return cfg
-
-# Copied from vit.check_finite
-def check_finite(loss_value, step, out_dir):
-    """Stop on a non-finite loss, leaving the last checkpoint (written only at finite steps) intact."""
-    if not math.isfinite(loss_value):
-        raise FloatingPointError(f"non-finite loss ({loss_value}) at step {step}; the last good checkpoint "
-                                 f"is {os.path.join(out_dir, 'ckpt.pt')} if one was written; lower --lr")
-
-# Copied from vit.save_png
-def save_png(path, image):
-    """Write a uint8 (H, W, 3) or (H, W) array as a PNG with the standard library only."""
-    image = np.ascontiguousarray(image, dtype=np.uint8)
-    if image.ndim == 3 and image.shape[2] == 1:
-        image = image[..., 0]
-    h, w = image.shape[:2]
-    color_type = 2 if image.ndim == 3 else 0
-    raw = b"".join(b"\x00" + image[y].tobytes() for y in range(h))  # filter type 0 per row
-
-    def chunk(tag, data):
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
-
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "wb") as f:
-        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, color_type, 0, 0, 0))
-                + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
-
-# Copied from vit.image_grid
-def image_grid(images, ncols, pad=2, pad_value=40):
-    """uint8 (N, H, W, C) -> one (rows*(H+pad)+pad, ncols*(W+pad)+pad, C) picture."""
-    n, h, w, c = images.shape
-    nrows = (n + ncols - 1) // ncols
-    grid = np.full((nrows * (h + pad) + pad, ncols * (w + pad) + pad, c), pad_value, dtype=np.uint8)
-    for i in range(n):
-        r, q = divmod(i, ncols)
-        grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + q * (w + pad):pad + q * (w + pad) + w] = images[i]
-    return grid
-
-# Copied from vit.FONT
-FONT = dict(zip("abcdefghijklmnopqrstuvwxyz0123456789 .:-/%=<>?,()+'_", (
-    "25755 65656 34443 65556 74647 74644 34553 55755 72227 11152 55655 44447 57755 65555 25552 65644 "
-    "25563 65655 34216 72222 55557 55552 55775 55255 55222 71247 75557 26227 61247 61216 55711 74616 "
-    "34652 71222 25252 25316 00000 00002 02020 00700 11244 51245 07070 12421 42124 61202 00024 12221 "
-    "42224 02720 22000 00007").split()))
-
-# Copied from vit.draw_text
-def draw_text(canvas, text, x, y, color=(255, 255, 255), scale=1):
-    """Draw text (case-insensitive) with the 3x5 font at (x, y) into a uint8 (H, W, 3) array; 4*scale px a char."""
-    for i, ch in enumerate(text.lower()):
-        glyph = FONT.get(ch, FONT["?"])
-        for r, digit in enumerate(glyph):
-            for c in range(3):
-                if int(digit) & (4 >> c):
-                    y0, x0 = y + r * scale, x + (4 * i + c) * scale
-                    canvas[y0:y0 + scale, x0:x0 + scale] = color
-    return canvas
-
-
-# ----------------------------------------------------------------------------------------------
-# Training and evaluation
+# Evaluation: alignment, diversity, the sample grids and tables
 # ----------------------------------------------------------------------------------------------
 
 def parse_list(text, kind, flag):
@@ -1175,38 +675,6 @@ def parse_list(text, kind, flag):
     if not values:
         raise InputError(f"--{flag} {text!r}: expected a comma-separated list of {kind.__name__} values, e.g. 1,2,4")
     return values
-
-
-def validate_config(cfg, data):
-    """Every check that can fail before any work is done (DESIGN.md section 6)."""
-    factor = 2 ** (cfg.num_levels - 1)
-    if cfg.image_size % factor:
-        raise InputError(f"--image_size {cfg.image_size} is not divisible by the U-Net's downsampling factor "
-                         f"2**(num_levels-1) = {factor}; pick a multiple of {factor} or fewer --num_levels")
-    widths = {cfg.base_channels * min(2 ** i, cfg.max_mult) for i in range(cfg.num_levels)}
-    if any(c % cfg.num_heads for c in widths):
-        raise InputError(f"--num_heads {cfg.num_heads} does not divide the U-Net widths {sorted(widths)}")
-    choices = {"schedule": ("linear", "cosine"), "parameterization": ("eps", "x0", "v"),
-               "sampler": ("ddim", "ddpm"), "variance": ("beta", "beta_tilde")}
-    for flag, allowed in choices.items():
-        if getattr(cfg, flag) not in allowed:
-            raise InputError(f"--{flag} {getattr(cfg, flag)}: expected one of {', '.join(allowed)}")
-    steps = [cfg.sample_steps] + parse_list(cfg.eval_steps, int, "eval_steps")
-    if cfg.timesteps < 2 or not all(1 <= s <= cfg.timesteps for s in steps):
-        raise InputError(f"--sample_steps and every --eval_steps entry must be in [1, --timesteps {cfg.timesteps}]")
-    parse_list(cfg.eval_ws, float, "eval_ws")
-    parse_list(cfg.eval_cls_ws, float, "eval_cls_ws")
-    if not 0 <= cfg.p_uncond < 1:
-        raise InputError(f"--p_uncond {cfg.p_uncond}: expected a probability in [0, 1)")
-    if cfg.batch_size % int(os.environ.get("WORLD_SIZE", 1)):
-        raise InputError(f"--batch_size {cfg.batch_size} is global and must divide evenly over "
-                         f"{os.environ.get('WORLD_SIZE')} processes")
-    if data is not None:
-        if "labels" not in data["train"]:
-            raise InputError(f"--data {cfg.data}: a class-conditional diffusion model needs a 'labels' array")
-        if cfg.batch_size > len(data["train"]["labels"]):
-            raise InputError(f"--batch_size {cfg.batch_size} is larger than the {len(data['train']['labels'])} "
-                             f"training images; lower it or add data")
 
 
 @torch.no_grad()
@@ -1374,6 +842,37 @@ def format_tables(metrics):
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------
+
+def validate_config(cfg, data):
+    """Every check that can fail before any work is done (DESIGN.md section 6)."""
+    factor = 2 ** (cfg.num_levels - 1)
+    if cfg.image_size % factor:
+        raise InputError(f"--image_size {cfg.image_size} is not divisible by the U-Net's downsampling factor "
+                         f"2**(num_levels-1) = {factor}; pick a multiple of {factor} or fewer --num_levels")
+    widths = {cfg.base_channels * min(2 ** i, cfg.max_mult) for i in range(cfg.num_levels)}
+    if any(c % cfg.num_heads for c in widths):
+        raise InputError(f"--num_heads {cfg.num_heads} does not divide the U-Net widths {sorted(widths)}")
+    choices = {"schedule": ("linear", "cosine"), "parameterization": ("eps", "x0", "v"),
+               "sampler": ("ddim", "ddpm"), "variance": ("beta", "beta_tilde")}
+    for flag, allowed in choices.items():
+        if getattr(cfg, flag) not in allowed:
+            raise InputError(f"--{flag} {getattr(cfg, flag)}: expected one of {', '.join(allowed)}")
+    steps = [cfg.sample_steps] + parse_list(cfg.eval_steps, int, "eval_steps")
+    if cfg.timesteps < 2 or not all(1 <= s <= cfg.timesteps for s in steps):
+        raise InputError(f"--sample_steps and every --eval_steps entry must be in [1, --timesteps {cfg.timesteps}]")
+    parse_list(cfg.eval_ws, float, "eval_ws")
+    parse_list(cfg.eval_cls_ws, float, "eval_cls_ws")
+    if data is not None:
+        if "labels" not in data["train"]:
+            raise InputError(f"--data {cfg.data}: a class-conditional diffusion model needs a 'labels' array")
+        if cfg.batch_size > len(data["train"]["labels"]):
+            raise InputError(f"--batch_size {cfg.batch_size} is larger than the {len(data['train']['labels'])} "
+                             f"training images; lower it or add data")
+
+
 def train(cfg):
     """Train the diffusion model, then the noise-conditioned classifier; or with --eval_only
     evaluate a checkpoint. Returns the final metrics."""
@@ -1382,6 +881,7 @@ def train(cfg):
     if cfg.resume:
         ckpt = load_checkpoint(cfg.resume, MODEL_NAME)
         cfg = resume_config(cfg, ckpt["config"])
+    check_config(cfg)
     validate_config(cfg, None)
     rt = setup_runtime(cfg)
     try:
@@ -1399,7 +899,7 @@ def train(cfg):
             metrics = evaluate(ema, classifier.eval(), data, cfg, rt) if rt.master else {}
             if rt.master:
                 print(format_tables(metrics), flush=True)
-            return _finish(cfg, rt, metrics, t_start)
+            return finish_run(cfg, rt, metrics, t_start)
         optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, rt)
         cls_optimizer = make_optimizer(classifier, cfg.cls_lr, cfg.weight_decay, rt)
         start = 0
@@ -1422,15 +922,15 @@ def train(cfg):
                  for k, v in get_schedule(cfg.schedule, cfg.timesteps).items()}
         total = cfg.max_steps + cfg.cls_steps
         end = min(cfg.stop_step, total) if cfg.stop_step else total
-        peak = peak_flops(rt.device)
-        flops = flops_per_image(model, train_images[:1], rt) if peak else None
-        metrics, loss_value, t_log, step_log = {}, None, time.time(), start
+        flops = flops_per_image(model, train_images[:1], rt) if peak_flops(rt.device) else None
+        metrics, progress = {}, Progress(cfg, rt, logger, start, end, total, flops)
         for step in range(start, end):
             # steps [0, max_steps) train the diffusion model, the next cls_steps the classifier
             diffusion = step < cfg.max_steps
             phase_step = step if diffusion else step - cfg.max_steps
             if phase_step == 0:
                 logger.print("training the " + ("diffusion model" if diffusion else "noise-conditioned classifier"))
+                progress.flops_per_item = flops if diffusion else None  # MFU of the diffusion model only
             net, opt = (model, optimizer) if diffusion else (classifier, cls_optimizer)
             lr = cosine_lr(phase_step, cfg.max_steps if diffusion else cfg.cls_steps, cfg.lr if diffusion else cfg.cls_lr,
                            cfg.min_lr, cfg.warmup_steps)
@@ -1459,23 +959,10 @@ def train(cfg):
             if diffusion:
                 ema_update(ema, model, cfg.ema_decay, step)
             done = step + 1
-            log_now, ckpt_now = done % cfg.log_every == 0 or done == end, done % cfg.ckpt_every == 0 or done == end
-            if log_now or ckpt_now:  # the only places that wait for the device
-                loss_sum = loss.detach().float()
-                if rt.world_size > 1:
-                    dist.all_reduce(loss_sum)
-                loss_value = loss_sum.item() / rt.world_size
-                check_finite(loss_value, done, cfg.out_dir)
-            if log_now:
-                dt = (time.time() - t_log) / (done - step_log)
-                t_log, step_log = time.time(), done
-                per_s = cfg.batch_size / dt
-                mfu = flops * per_s / (peak * rt.world_size) if peak and diffusion else None
-                logger.print(format_progress(done, total, loss_value, lr, 1000 * dt, per_s, (end - done) * dt, mfu))
-                logger.log({"step": done, "loss": loss_value, "lr": lr, "ms_per_step": 1000 * dt,
-                            "phase": "diffusion" if diffusion else "classifier"})
+            ckpt_now = progress.step(done, loss, lr, phase="diffusion" if diffusion else "classifier")
             if cfg.eval_every and done % cfg.eval_every == 0 and done != end and rt.master and diffusion:
-                quick = evaluate(ema, classifier, data, cfg, rt, write_files=False)
+                with progress.paused():
+                    quick = evaluate(ema, classifier, data, cfg, rt, write_files=False)
                 if "alignment" in quick:
                     logger.print(f"step {done}: alignment {quick['alignment']:.3f} ({quick['sampler']})")
                     logger.log({"step": done, "alignment": quick["alignment"]})
@@ -1487,23 +974,13 @@ def train(cfg):
                                  "rng": rng_state(), "data_position": done})
         if rt.master:
             metrics.update(evaluate(ema, classifier.eval(), data, cfg, rt))
-            metrics.update(steps=end, final_loss=loss_value)
+            metrics.update(steps=end, final_loss=progress.loss)
             logger.print(format_tables(metrics))
             if "alignment" in metrics:
                 logger.print(f"alignment {metrics['alignment']:.3f} with {metrics['sampler']} (NFE {metrics['nfe']})")
-        return _finish(cfg, rt, metrics, t_start)
+        return finish_run(cfg, rt, metrics, t_start)
     finally:
         cleanup_runtime(rt)
-
-
-# Copied from vit._finish
-def _finish(cfg, rt, metrics, t_start):
-    if rt.master:
-        metrics["wall_time_s"] = time.time() - t_start
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        with open(os.path.join(cfg.out_dir, "metrics.json"), "w") as f:
-            json.dump(metrics, f, indent=2)
-    return metrics
 
 
 # Copied from vit.main
@@ -1513,6 +990,669 @@ def main(argv=None):
         return train(cfg)
     except InputError as e:
         sys.exit(f"error: {e}")
+
+
+# ==============================================================================================
+# Plumbing: checked copies of vit.py, the same blocks in every model file
+# in the same order (the shapes world and .npz loading, runtime, logging and checkpoints, PNG and
+# font). None of it is specific to this model; a reader can stop here.
+# ==============================================================================================
+
+
+# ---- the shapes world and .npz loading
+
+# Copied from vit.SHAPES
+SHAPES = ("circle", "square", "triangle")
+# Copied from vit.COLOR_NAMES
+COLOR_NAMES = ("red", "green", "blue", "yellow", "magenta", "cyan", "white")
+# Copied from vit.COLOR_RGB
+COLOR_RGB = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 0], [255, 0, 255],
+                      [0, 255, 255], [255, 255, 255]], dtype=np.float32)
+# Copied from vit.SIZES
+SIZES = ("small", "large")
+# Copied from vit.POSITIONS
+POSITIONS = ("top left", "top", "top right", "left", "center", "right",
+             "bottom left", "bottom", "bottom right")
+# The (shape, color) pairs never rendered in train/test: the compositional zero-shot split.
+# Copied from vit.HELDOUT_PAIRS
+HELDOUT_PAIRS = (("circle", "green"), ("square", "magenta"), ("triangle", "cyan"))
+# Copied from vit.SPLITS
+SPLITS = ("train", "test", "heldout")
+# Copied from vit.HALF_EXTENT
+HALF_EXTENT = (0.25, 0.40)  # half the shape's side, as a fraction of a grid cell, small / large
+# Copied from vit.JITTER
+JITTER = 0.08  # uniform jitter of the centre, as a fraction of a grid cell
+# How often a caption names the shape, color, size and position, each on its own (a caption that
+# would name none is redrawn): 16% of captions name just the shape and color ("a red circle"),
+# 16% all four, 4% only the color.
+# Copied from vit.CAPTION_NAME_PROB
+CAPTION_NAME_PROB = (0.8, 0.8, 0.5, 0.5)
+
+
+# Copied from vit.InputError
+class InputError(ValueError):
+    """Bad input from the user (a flag, a data file, a checkpoint): reported as one clear line."""
+
+
+# Copied from vit.shapes_class_names
+def shapes_class_names():
+    """Class index = shape * len(COLOR_NAMES) + color; name 'red circle'."""
+    return [f"{c} {s}" for s in SHAPES for c in COLOR_NAMES]
+
+
+# Copied from vit.shapes_caption
+def shapes_caption(attrs, phrasing=0, named=(True, True, True, True)):
+    """Plain-English caption that names the attributes (shape, color, size, position) marked in
+    `named`, in one of three phrasings:
+        0  "a {size} {color} {shape} at the {position}"    "a red circle", "a large shape at the top"
+        1  "there is a {size} {color} {shape} in the {position}"
+        2  "{size} {color} {shape} in the {position}", or without a shape "something {size} and
+           {color} in the {position}"                     "something cyan in the bottom left"
+    An unnamed attribute is left out; an unnamed shape reads "shape" (or "something").
+    """
+    shape, color, size, pos = (SHAPES[attrs[0]], COLOR_NAMES[attrs[1]], SIZES[attrs[2]], POSITIONS[attrs[3]])
+    adjectives = [word for word, keep in ((size, named[2]), (color, named[1])) if keep]
+    sides = {"top": "at the top", "bottom": "at the bottom", "left": "on the left", "right": "on the right"}
+    where = lambda preposition: " " + sides.get(pos, f"{preposition} the {pos}") if named[3] else ""  # noqa: E731
+    if phrasing % 3 == 2 and not named[0]:
+        return "something" + (" " + " and ".join(adjectives) if adjectives else "") + where("in")
+    noun = " ".join(adjectives + [shape if named[0] else "shape"])
+    return (f"a {noun}{where('at')}", f"there is a {noun}{where('in')}", f"{noun}{where('in')}")[phrasing % 3]
+
+
+# Copied from vit.shapes_attributes
+def shapes_attributes(split, n, seed):
+    """Attributes (n, 4) [shape, color, size, position], jitter (n, 2), phrasing (n,) and the
+    attributes its caption names (n, 4) bool, of a split.
+
+    Sample i depends only on (seed, split, i). train and test draw i.i.d. from the 18 seen
+    (shape, color) pairs; heldout draws only the 3 HELDOUT_PAIRS. A caption names each attribute
+    independently with CAPTION_NAME_PROB (redrawn if it would name none), in one of three
+    phrasings with equal probability.
+    """
+    heldout = {(SHAPES.index(s), COLOR_NAMES.index(c)) for s, c in HELDOUT_PAIRS}
+    all_pairs = [(s, c) for s in range(len(SHAPES)) for c in range(len(COLOR_NAMES))]
+    pairs = [p for p in all_pairs if (p in heldout) == (split == "heldout")]
+    attrs = np.zeros((n, 4), dtype=np.int64)
+    jitter = np.zeros((n, 2), dtype=np.float64)
+    phrasing = np.zeros(n, dtype=np.int64)
+    named = np.zeros((n, 4), dtype=bool)
+    for i in range(n):
+        rng = np.random.default_rng([seed, SPLITS.index(split), i])
+        attrs[i, :2] = pairs[rng.integers(len(pairs))]
+        attrs[i, 2] = rng.integers(len(SIZES))
+        attrs[i, 3] = rng.integers(len(POSITIONS))
+        jitter[i] = rng.uniform(-JITTER, JITTER, size=2)
+        phrasing[i] = rng.integers(3)
+        while not named[i].any():
+            named[i] = rng.random(4) < CAPTION_NAME_PROB
+    return attrs, jitter, phrasing, named
+
+
+# Copied from vit.shape_coverage
+def shape_coverage(shape, cx, cy, h, image_size, supersample=4):
+    """Share of each pixel a shape covers, (n, S, S) float32: shape index, centre (cx, cy) and
+    half extent h in pixels, each (n,). Triangles point up, their base 2h wide."""
+    S, ss = image_size, supersample
+    fine = (np.arange(S * ss) + 0.5) / ss  # sub-pixel centres in pixel units
+    out = np.zeros((len(shape), S, S), dtype=np.float32)
+    for lo in range(0, len(shape), 256):
+        k, h_ = shape[lo:lo + 256, None, None], h[lo:lo + 256, None, None]
+        dy = fine[None, :, None] - cy[lo:lo + 256, None, None]  # (n, S*ss, 1)
+        dx = fine[None, None, :] - cx[lo:lo + 256, None, None]  # (n, 1, S*ss)
+        circle = dx ** 2 + dy ** 2 <= h_ ** 2
+        square = (np.abs(dx) <= h_) & (np.abs(dy) <= h_)
+        triangle = (np.abs(dy) <= h_) & (np.abs(dx) <= (dy + h_) / 2)
+        inside = np.where(k == 0, circle, np.where(k == 1, square, triangle))
+        out[lo:lo + 256] = inside.reshape(len(k), S, ss, S, ss).mean(axis=(2, 4))
+    return out
+
+
+# Copied from vit.render_shapes
+def render_shapes(attrs, jitter, image_size):
+    """Anti-aliased renders (n, S, S, 3) uint8 of one shape each on a black background."""
+    cell = image_size / 3.0
+    cy = (attrs[:, 3] // 3 + 0.5 + jitter[:, 0]) * cell
+    cx = (attrs[:, 3] % 3 + 0.5 + jitter[:, 1]) * cell
+    h = np.array(HALF_EXTENT)[attrs[:, 2]] * cell
+    coverage = shape_coverage(attrs[:, 0], cx, cy, h, image_size)
+    return np.round(coverage[..., None] * COLOR_RGB[attrs[:, 1]][:, None, None, :]).astype(np.uint8)
+
+
+# Copied from vit.detect_attributes
+def detect_attributes(images):
+    """Analytic detector: uint8 (n, S, S, 3) -> attributes (n, 4), all -1 where no shape is found.
+
+    Coverage m = max channel / 255 (every palette color has a channel at 255). Color: the palette
+    entry nearest to the coverage-weighted mean color. Shape and size: the best of the six
+    (shape, size) templates, each rendered at the centre implied by the observed centroid, by
+    L1 distance to m. Position: the grid cell of that centre. No learning involved.
+    """
+    x = images.astype(np.float32)
+    n, S = x.shape[0], x.shape[1]
+    cell = S / 3.0
+    m = x.max(axis=3) / 255.0  # (n, S, S)
+    m_fg = np.where(m > 0.2, m, 0.0)  # faint pixels (noise in generated samples) are background
+    area = m_fg.sum(axis=(1, 2))
+    safe = np.maximum(area, 1e-6)
+    mean_rgb = (x * (m_fg > 0)[..., None]).sum(axis=(1, 2)) / safe[:, None]  # (n, 3)
+    color = ((mean_rgb[:, None, :] - COLOR_RGB[None]) ** 2).sum(-1).argmin(axis=1)
+    coords = np.arange(S) + 0.5
+    cy = (m_fg.sum(axis=2) * coords).sum(axis=1) / safe
+    cx = (m_fg.sum(axis=1) * coords).sum(axis=1) / safe
+    errors, centres = [], []
+    for shape in range(len(SHAPES)):
+        for size in range(len(SIZES)):
+            h = np.full(n, HALF_EXTENT[size] * cell)
+            cy_shape = cy - h / 3 if shape == 2 else cy  # a triangle's centroid lies h/3 below its centre
+            template = shape_coverage(np.full(n, shape), cx, cy_shape, h, S, supersample=2)
+            errors.append(np.abs(template - m_fg).sum(axis=(1, 2)))
+            centres.append(cy_shape)
+    best = np.argmin(np.stack(errors), axis=0)  # (n,) index of shape * len(SIZES) + size
+    shape, size = best // len(SIZES), best % len(SIZES)
+    centre_y = np.stack(centres)[best, np.arange(n)]
+    position = np.clip(centre_y // cell, 0, 2) * 3 + np.clip(cx // cell, 0, 2)
+    attrs = np.stack([shape, color, size, position], axis=1).astype(np.int64)
+    attrs[area < 0.5] = -1
+    return attrs
+
+
+# Copied from vit.shapes_split
+def shapes_split(split, n, image_size, seed):
+    """One split of the shapes world as a dict: images, labels, attributes, captions, and
+    caption_attributes (n, 4), the attributes each caption names, -1 where it leaves one out."""
+    attrs, jitter, phrasing, named = shapes_attributes(split, n, seed)
+    return {"images": render_shapes(attrs, jitter, image_size),
+            "labels": attrs[:, 0] * len(COLOR_NAMES) + attrs[:, 1],
+            "attributes": attrs,
+            "captions": [shapes_caption(a, p, m) for a, p, m in zip(attrs, phrasing, named)],
+            "caption_attributes": np.where(named, attrs, -1)}
+
+
+# Copied from vit.load_npz
+def load_npz(path):
+    """Real data: images (N, H, W, C) uint8, optional labels (N,), captions (N,), class_names."""
+    if not os.path.isfile(path):
+        raise InputError(f"--data {path}: no such file; pass an .npz with an 'images' array or 'shapes'")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except Exception as e:
+        raise InputError(f"--data {path}: not a readable .npz file ({type(e).__name__}: {e})") from None
+    images = arrays.get("images")
+    if images is None:
+        raise InputError(f"--data {path}: missing key 'images' (found {sorted(arrays)})")
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] not in (1, 3):
+        raise InputError(f"--data {path}: 'images' must be uint8 (N, H, W, C) with C in (1, 3), "
+                         f"got {images.dtype} {images.shape}")
+    if len(images) == 0:
+        raise InputError(f"--data {path}: 'images' is empty")
+    out = {"images": images}
+    if "labels" in arrays:
+        labels = arrays["labels"]
+        if labels.shape != (len(images),) or not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0:
+            raise InputError(f"--data {path}: 'labels' must be non-negative integers of shape "
+                             f"({len(images)},), got {labels.dtype} {labels.shape}")
+        out["labels"] = labels.astype(np.int64)
+        names = arrays.get("class_names")
+        num_classes = int(labels.max()) + 1 if names is None else len(names)
+        if labels.max() >= num_classes:
+            raise InputError(f"--data {path}: a label is >= len(class_names) = {num_classes}")
+        out["class_names"] = [str(s) for s in names] if names is not None else [str(i) for i in range(num_classes)]
+    if "captions" in arrays:
+        if arrays["captions"].shape != (len(images),):
+            raise InputError(f"--data {path}: 'captions' must have shape ({len(images)},)")
+        out["captions"] = [str(s) for s in arrays["captions"]]
+    return out
+
+
+# Copied from vit.load_data
+def load_data(data, image_size, n_train, n_test, seed):
+    """{'train', 'test', 'heldout' (shapes only): split dicts, 'class_names', 'channels'}."""
+    if data == "shapes":
+        splits = {"train": shapes_split("train", n_train, image_size, seed),
+                  "test": shapes_split("test", n_test, image_size, seed),
+                  "heldout": shapes_split("heldout", n_test, image_size, seed)}
+        return {**splits, "class_names": shapes_class_names(), "channels": 3}
+    arrays = load_npz(data)
+    images = arrays["images"]
+    if images.shape[1:3] != (image_size, image_size):
+        raise InputError(f"--data {data}: images are {images.shape[1]}x{images.shape[2]}, but "
+                         f"--image_size is {image_size}; pass --image_size {images.shape[1]} (square images only)")
+    if len(images) < 2:
+        raise InputError(f"--data {data}: need at least 2 images to make a train and a test split")
+    # A fixed 90/10 split, the same for every seed, so that test numbers are comparable.
+    order = np.random.default_rng(0).permutation(len(images))
+    n_te = max(1, len(images) // 10)
+    out = {"class_names": arrays.get("class_names"), "channels": images.shape[3]}
+    for name, idx in (("test", order[:n_te]), ("train", order[n_te:])):
+        out[name] = {k: ([v[i] for i in idx] if isinstance(v, list) else v[idx])
+                     for k, v in arrays.items() if k != "class_names"}
+    return out
+
+
+# Copied from vit.images_to_tensor
+def images_to_tensor(images):
+    """uint8 (N, H, W, C) array or tensor -> float (N, C, H, W) in [-1, 1]."""
+    x = torch.as_tensor(images)
+    return x.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+# Copied from vit.tensor_to_images
+def tensor_to_images(x):
+    """float (N, C, H, W) in [-1, 1] -> uint8 (N, H, W, C) numpy array (values clipped)."""
+    x = ((x.detach().float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+# Copied from vit.batch_indices
+def batch_indices(step, n, batch_size, seed, rank=0, world_size=1):
+    """This rank's slice of the global batch at `step`: a fresh permutation each epoch.
+
+    A pure function of (step, seed), so that resuming at step s sees the same data as an
+    uninterrupted run, and the ranks' slices together are exactly the single-process batch.
+    """
+    steps_per_epoch = n // batch_size
+    epoch, i = divmod(step, steps_per_epoch)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+    batch = perm[i * batch_size:(i + 1) * batch_size]
+    per_rank = batch_size // world_size
+    return batch[rank * per_rank:(rank + 1) * per_rank]
+
+
+# ---- runtime: flags, device and precision, DDP, optimizer and schedule
+
+
+# Copied from vit.config_help
+def config_help(config_cls):
+    """Each Config field's trailing comment, read from the source: the comment is the --help."""
+    try:
+        source = inspect.getsource(config_cls)
+    except (OSError, TypeError):
+        return {}
+    return {m.group(1): m.group(2) for m in re.finditer(r"^\s+(\w+):[^#\n]*#\s*(.*)$", source, re.M)}
+
+
+# Copied from vit.parse_config
+def parse_config(config_cls, presets, argv=None, description=None):
+    """`--preset NAME` picks the base (Config defaults are 'cpu'); `--field value` overrides it."""
+    helps = config_help(config_cls)
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--preset", choices=list(presets), default="cpu",
+                        help="base configuration; flags override it (default: cpu)")
+
+    def boolean(s):
+        if s.lower() not in ("0", "1", "true", "false"):
+            raise argparse.ArgumentTypeError(f"expected 0/1/true/false, got {s!r}")
+        return s.lower() in ("1", "true")
+
+    for f in fields(config_cls):
+        kind = boolean if isinstance(f.default, bool) else type(f.default)
+        parser.add_argument(f"--{f.name}", type=kind, default=argparse.SUPPRESS,
+                            help=f"{helps.get(f.name, '')} (default: {f.default})")
+    args = vars(parser.parse_args(argv))
+    preset = args.pop("preset")
+    return config_cls(**{**presets[preset], **args})
+
+
+# Copied from vit.in_range
+def in_range(value, spec):
+    """Is a number inside a range written as '>= 1', '> 0', '[0, 1)' or '[0, 1]'? (finite only)"""
+    if not math.isfinite(value):
+        return False
+    if spec[0] in "[(":
+        low, high = (float(s) for s in spec[1:-1].split(","))
+        above = low <= value if spec[0] == "[" else low < value
+        return above and (value <= high if spec[-1] == "]" else value < high)
+    op, bound = spec.split()
+    return value >= float(bound) if op == ">=" else value > float(bound)
+
+
+# Copied from vit.check_config
+def check_config(cfg):
+    """The checks every file makes before any work: each numeric field inside its RANGES entry
+    (an integer >= 1 or a finite float > 0 where none is listed), a global batch that divides over
+    the processes, and an output directory that can be created and written."""
+    for f in fields(cfg):
+        if f.type not in ("int", "float"):
+            continue
+        value, spec = getattr(cfg, f.name), RANGES.get(f.name, ">= 1" if f.type == "int" else "> 0")
+        if not in_range(value, spec):
+            kind = "an integer" if f.type == "int" else "a finite number"
+            raise InputError(f"--{f.name} {value}: expected {kind} {spec if spec[0] in '<>' else 'in ' + spec}")
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if cfg.batch_size % world_size:
+        raise InputError(f"--batch_size {cfg.batch_size} is global and must divide evenly over {world_size} processes")
+    try:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        writable = os.access(cfg.out_dir, os.W_OK)
+    except OSError:
+        writable = False
+    if not writable:
+        raise InputError(f"--out_dir {cfg.out_dir}: cannot create or write this directory; pass another --out_dir")
+
+
+# Copied from vit.Runtime
+@dataclass
+class Runtime:
+    """Where and how this process runs: device, autocast dtype, DDP rank."""
+    device: torch.device
+    amp_dtype: torch.dtype | None  # None: plain fp32
+    compile: bool
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+
+# Copied from vit.setup_runtime
+def setup_runtime(cfg):
+    """Device (auto: cuda > mps > cpu), precision, TF32, seeding and, under torchrun, DDP."""
+    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if cfg.device == "auto":
+        if torch.cuda.is_available():
+            device = torch.device("cuda", local_rank)
+        elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            device = torch.device("mps")
+        else:
+            device = torch.device("cpu")
+    else:
+        device = torch.device(cfg.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise InputError(f"--device {cfg.device}: CUDA is not available here; use --device cpu or auto")
+    if device.type == "cuda" and (device.index is None or world_size > 1):
+        device = torch.device("cuda", local_rank)  # set_device needs an index; one GPU per rank
+    if cfg.dtype not in ("auto", "float32", "bfloat16"):
+        raise InputError(f"--dtype {cfg.dtype}: expected auto, float32 or bfloat16")
+    if cfg.compile not in ("auto", "0", "1"):
+        raise InputError(f"--compile {cfg.compile}: expected auto, 0 or 1")
+    bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    # The same seed on every rank: identical initial weights; DDP also broadcasts rank 0's.
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    compile_on = cfg.compile == "1" or (cfg.compile == "auto" and device.type == "cuda")
+    return Runtime(device, torch.bfloat16 if bf16 else None, compile_on, rank, local_rank, world_size)
+
+
+# Copied from vit.cleanup_runtime
+def cleanup_runtime(rt):
+    if rt.world_size > 1 and dist.is_initialized():
+        dist.barrier()  # rank 0 may still be evaluating; tearing gloo down under it aborts
+        dist.destroy_process_group()
+
+
+# Copied from vit.prepare_model
+def prepare_model(model, rt):
+    """Move to the device, then compile and wrap in DDP as the runtime says; returns the model to call."""
+    model.to(rt.device)
+    run_model = torch.compile(model) if rt.compile else model
+    if rt.world_size > 1:
+        run_model = nn.parallel.DistributedDataParallel(run_model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None)
+    return run_model
+
+
+# Copied from vit.make_optimizer
+def make_optimizer(model, lr, weight_decay, rt, betas=(0.9, 0.999)):
+    """AdamW with decay on matrices only (not norms, biases, embeddings); fused on CUDA."""
+    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2 and "embed" not in n and "token" not in n]
+    ids = {id(p) for p in decay}
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=rt.device.type == "cuda")
+
+
+# Copied from vit.cosine_lr
+def cosine_lr(step, max_steps, lr, min_lr, warmup_steps):
+    """Linear warm-up to lr, then cosine decay to min_lr at max_steps."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+# ---- logging and checkpoints
+
+
+# Copied from vit.peak_flops
+def peak_flops(device):
+    """Dense bf16 peak FLOP/s of known GPUs, for MFU; None where unknown."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    table = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12,
+             "L40": 181e12, "4090": 165e12, "A6000": 155e12, "3090": 71e12}
+    return next((v for k, v in table.items() if k in name), None)
+
+
+# Copied from vit.format_progress
+def format_progress(step, total, loss, lr, ms_per_step, items_per_s, eta_s, mfu=None, unit="img"):
+    """One fixed-width progress line."""
+    eta = f"{int(eta_s // 3600):d}:{int(eta_s % 3600 // 60):02d}:{int(eta_s % 60):02d}"
+    line = (f"step {step:>7d}/{total:<7d} | loss {loss:9.4f} | lr {lr:.2e} | {ms_per_step:8.1f} ms/step"
+            f" | {items_per_s:9.1f} {unit}/s | eta {eta}")
+    return line + (f" | mfu {100 * mfu:5.1f}%" if mfu is not None else "")
+
+
+# Copied from vit.Logger
+class Logger:
+    """Rank-0 printing and a log.jsonl whose first line records the config and the versions."""
+
+    def __init__(self, out_dir, cfg, rt, append=False):
+        self.enabled = rt.master
+        self.path = os.path.join(out_dir, "log.jsonl")
+        if self.enabled:
+            os.makedirs(out_dir, exist_ok=True)
+            if not append:
+                open(self.path, "w").close()
+            self.log({"event": "start", "config": asdict(cfg), "argv": sys.argv, "python": sys.version.split()[0],
+                      "torch": torch.__version__, "numpy": np.__version__, "device": str(rt.device),
+                      "world_size": rt.world_size})
+
+    def print(self, *args):
+        if self.enabled:
+            print(*args, flush=True)
+
+    def log(self, record):
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+# Copied from vit.Progress
+class Progress:
+    """The bookkeeping after each optimizer step. At log and checkpoint steps, the only places that
+    wait for the device, the loss is averaged over ranks, checked to be finite and kept in
+    `self.loss`; at log steps one progress line is printed and logged, tensors in `extra` read
+    then. Time spent inside `paused()` (an evaluation) is kept out of ms/step."""
+
+    def __init__(self, cfg, rt, logger, start, end, total, flops_per_item=None, unit="img"):
+        self.cfg, self.rt, self.logger = cfg, rt, logger
+        self.end, self.total, self.unit = end, total, unit
+        self.flops_per_item, self.peak = flops_per_item, peak_flops(rt.device)
+        self.loss, self.t_log, self.step_log = None, time.time(), start
+
+    def step(self, done, loss, lr, **extra):
+        """Account for optimizer step `done` (1-based); True when a checkpoint is due."""
+        log_now = done % self.cfg.log_every == 0 or done == self.end
+        ckpt_now = done % self.cfg.ckpt_every == 0 or done == self.end
+        if log_now or ckpt_now:
+            loss_sum = loss.detach().float()
+            if self.rt.world_size > 1:
+                dist.all_reduce(loss_sum)
+            self.loss = loss_sum.item() / self.rt.world_size
+            check_finite(self.loss, done, self.cfg.out_dir)
+        if log_now:
+            dt = (time.time() - self.t_log) / (done - self.step_log)
+            self.t_log, self.step_log = time.time(), done
+            per_s = self.cfg.batch_size / dt
+            known = self.peak and self.flops_per_item
+            mfu = self.flops_per_item * per_s / (self.peak * self.rt.world_size) if known else None
+            self.logger.print(format_progress(done, self.total, self.loss, lr, 1000 * dt, per_s, (self.end - done) * dt,
+                                              mfu, self.unit))
+            extra = {k: v.item() if torch.is_tensor(v) else v for k, v in extra.items()}
+            self.logger.log({"step": done, "loss": self.loss, "lr": lr, "ms_per_step": 1000 * dt, **extra})
+        return ckpt_now
+
+    @contextlib.contextmanager
+    def paused(self):
+        t = time.time()
+        try:
+            yield
+        finally:
+            self.t_log += time.time() - t
+
+
+# Copied from vit.finish_run
+def finish_run(cfg, rt, metrics, t_start):
+    """Rank 0 adds the wall time and writes metrics.json; every rank returns the metrics."""
+    if rt.master:
+        metrics["wall_time_s"] = time.time() - t_start
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        with open(os.path.join(cfg.out_dir, "metrics.json"), "w") as f:
+            json.dump(metrics, f, indent=2)
+    return metrics
+
+
+# Copied from vit.check_finite
+def check_finite(loss_value, step, out_dir):
+    """Stop on a non-finite loss, leaving the last checkpoint (written only at finite steps) intact."""
+    if not math.isfinite(loss_value):
+        raise FloatingPointError(f"non-finite loss ({loss_value}) at step {step}; the last good checkpoint "
+                                 f"is {os.path.join(out_dir, 'ckpt.pt')} if one was written; lower --lr")
+
+
+# Copied from vit.rng_state
+def rng_state():
+    """Every RNG this process uses, as plain data (loadable with weights_only=True)."""
+    np_state = np.random.get_state()
+    return {"python": random.getstate(),
+            "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+# Copied from vit.set_rng_state
+def set_rng_state(state):
+    random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
+    np_state = state["numpy"]
+    np.random.set_state((np_state[0], np.array(np_state[1], dtype=np.uint32), *np_state[2:]))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# Copied from vit.save_checkpoint
+def save_checkpoint(path, state):
+    """Atomic: write a temporary file, then rename it over the old checkpoint."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+# Copied from vit.load_checkpoint
+def load_checkpoint(path, model_name):
+    """Load with weights_only=True and check that it is a checkpoint of this model."""
+    if not os.path.isfile(path):
+        raise InputError(f"--resume {path}: no such file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise InputError(f"--resume {path}: cannot read the checkpoint, it is corrupt or truncated "
+                         f"({type(e).__name__}); use another checkpoint or start without --resume") from None
+    if not isinstance(ckpt, dict) or "model_name" not in ckpt:
+        raise InputError(f"--resume {path}: not a checkpoint written by this project")
+    if ckpt["model_name"] != model_name:
+        raise InputError(f"--resume {path}: this is a checkpoint of {ckpt['model_name']!r}, not of {model_name!r}")
+    return ckpt
+
+
+# Copied from vit.resume_config
+def resume_config(cfg, saved):
+    """The config to run with when resuming: the checkpoint's, for evaluation (only runtime fields
+    taken from the command line); for training, the command line's, which must match the checkpoint."""
+    if cfg.eval_only:
+        known = {f.name for f in fields(cfg)}
+        base = type(cfg)(**{k: v for k, v in saved.items() if k in known})
+        return dataclasses.replace(base, **{k: getattr(cfg, k) for k in RUNTIME_FIELDS if hasattr(cfg, k)})
+    differ = [f"{k}: checkpoint {saved.get(k)!r}, now {v!r}" for k, v in asdict(cfg).items()
+              if k not in RUNTIME_FIELDS and saved.get(k) != v]
+    if differ:
+        raise InputError(f"--resume {cfg.resume}: the checkpoint was trained with another config ("
+                         + "; ".join(differ) + "); pass the same flags as the original run")
+    return cfg
+
+
+# ---- PNG and font
+
+
+# Copied from vit.save_png
+def save_png(path, image):
+    """Write a uint8 (H, W, 3) or (H, W) array as a PNG with the standard library only."""
+    image = np.ascontiguousarray(image, dtype=np.uint8)
+    if image.ndim == 3 and image.shape[2] == 1:
+        image = image[..., 0]
+    h, w = image.shape[:2]
+    color_type = 2 if image.ndim == 3 else 0
+    raw = b"".join(b"\x00" + image[y].tobytes() for y in range(h))  # filter type 0 per row
+
+    def chunk(tag, data):
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, color_type, 0, 0, 0))
+                + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
+
+
+# Copied from vit.image_grid
+def image_grid(images, ncols, pad=2, pad_value=40):
+    """uint8 (N, H, W, C) -> one (rows*(H+pad)+pad, ncols*(W+pad)+pad, C) picture."""
+    n, h, w, c = images.shape
+    nrows = (n + ncols - 1) // ncols
+    grid = np.full((nrows * (h + pad) + pad, ncols * (w + pad) + pad, c), pad_value, dtype=np.uint8)
+    for i in range(n):
+        r, q = divmod(i, ncols)
+        grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + q * (w + pad):pad + q * (w + pad) + w] = images[i]
+    return grid
+
+
+# A 3x5 bitmap font: five rows per glyph, each an octal digit of three pixels (4 = left).
+# Copied from vit.FONT
+FONT = dict(zip("abcdefghijklmnopqrstuvwxyz0123456789 .:-/%=<>?,()+'_", (
+    "25755 65656 34443 65556 74647 74644 34553 55755 72227 11152 55655 44447 57755 65555 25552 65644 "
+    "25563 65655 34216 72222 55557 55552 55775 55255 55222 71247 75557 26227 61247 61216 55711 74616 "
+    "34652 71222 25252 25316 00000 00002 02020 00700 11244 51245 07070 12421 42124 61202 00024 12221 "
+    "42224 02720 22000 00007").split()))
+
+
+# Copied from vit.draw_text
+def draw_text(canvas, text, x, y, color=(255, 255, 255), scale=1):
+    """Draw text (case-insensitive) with the 3x5 font at (x, y) into a uint8 (H, W, 3) array; 4*scale px a char."""
+    for i, ch in enumerate(text.lower()):
+        glyph = FONT.get(ch, FONT["?"])
+        for r, digit in enumerate(glyph):
+            for c in range(3):
+                if int(digit) & (4 >> c):
+                    y0, x0 = y + r * scale, x + (4 * i + c) * scale
+                    canvas[y0:y0 + scale, x0:x0 + scale] = color
+    return canvas
 
 
 if __name__ == "__main__":

@@ -95,6 +95,16 @@ class Config:
     eval_only: bool = False  # with --resume: only evaluate the checkpoint and write the grid
 
 
+# The accepted range of each numeric field, checked before any work (check_config). A field not
+# listed is an integer >= 1 or a finite float > 0.
+RANGES = {"drop_path": "[0, 1)", "label_smoothing": "[0, 1)", "min_lr": ">= 0", "warmup_steps": ">= 0",
+          "weight_decay": ">= 0", "grad_clip": ">= 0", "seed": ">= 0", "eval_every": ">= 0", "stop_step": ">= 0"}
+
+# Fields that may change when a run is resumed (any other difference is an error), and that
+# --eval_only takes from the command line rather than from the checkpoint.
+RUNTIME_FIELDS = ("device", "dtype", "compile", "out_dir", "log_every", "eval_every", "ckpt_every",
+                  "resume", "stop_step", "eval_only", "max_steps")
+
 # The Config defaults are the cpu preset; the others override a few fields.
 PRESETS = {
     "tiny": dict(image_size=16, patch_size=4, dim=32, depth=2, num_heads=2, n_train=256, n_test=64,
@@ -328,8 +338,188 @@ def mean_attention_distance(attn, grid, patch_size, num_prefix_tokens=1, query_m
 
 
 # ----------------------------------------------------------------------------------------------
-# Data: the shapes world and the .npz loader
+# Evaluation: accuracy, attention distances, the prediction grid
 # ----------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def predict(model, images, rt, batch_size=500):
+    """Logits for uint8 images (N, H, W, C), in eval mode, batched."""
+    was_training = model.training
+    model.eval()
+    out = []
+    for lo in range(0, len(images), batch_size):
+        x = images_to_tensor(images[lo:lo + batch_size]).to(rt.device)
+        with rt.autocast():
+            out.append(model(x).float().cpu())
+    model.train(was_training)
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def attention_distances(model, images, rt):
+    """Mean attention distance per block in pixels: over heads (mean, min, max) for all query
+    patches, and the mean for the query patches that show part of the object (not pure black)."""
+    model.eval()
+    x = images_to_tensor(images).to(rt.device)
+    _, attns = model(x, return_attn=True)
+    prefix = 1 if model.cls_token is not None else 0
+    on_object = patchify(x, model.patch_size).amax(dim=-1) > -0.9  # (B, N): some pixel is lit
+    rows = []
+    for layer, a in enumerate(attns):
+        heads = mean_attention_distance(a, model.grid, model.patch_size, prefix).cpu()
+        on_obj = mean_attention_distance(a, model.grid, model.patch_size, prefix, on_object).mean().item()
+        rows.append({"layer": layer, "mean": heads.mean().item(), "min": heads.min().item(),
+                     "max": heads.max().item(), "object_queries": on_obj})
+    return rows
+
+
+def prediction_grid(images, predicted, labels, class_names, ncols=8):
+    """Test images, each with its predicted class below (green if right, red with the truth if wrong)."""
+    scale = max(1, 72 // images.shape[1])
+    h, w = images.shape[1] * scale, images.shape[2] * scale
+    tiles = []
+    for img, p, y in zip(images, predicted, labels):
+        tile = np.zeros((h + 14, max(w, 72), 3), dtype=np.uint8)
+        big = np.repeat(np.repeat(img, scale, axis=0), scale, axis=1)
+        tile[:h, :w] = big if big.shape[2] == 3 else np.repeat(big, 3, axis=2)
+        right = p == y
+        draw_text(tile, class_names[p][:18], 0, h + 1, (80, 255, 80) if right else (255, 80, 80))
+        if not right:
+            draw_text(tile, class_names[y][:18], 0, h + 8, (200, 200, 200))
+        tiles.append(tile)
+    return image_grid(np.stack(tiles), ncols)
+
+
+def evaluate(model, data, cfg, rt, write_files=True):
+    """Test accuracy, attention distances, the prediction grid; returns the metrics."""
+    logits = predict(model, data["test"]["images"], rt)
+    predicted = logits.argmax(dim=1).numpy()
+    labels = data["test"]["labels"]
+    metrics = {"test_accuracy": float((predicted == labels).mean()), "test_size": int(len(labels))}
+    if write_files:
+        # The first mistakes (up to 16), then correct predictions, 32 in all.
+        wrong, right = np.flatnonzero(predicted != labels), np.flatnonzero(predicted == labels)
+        show = np.concatenate([wrong[:16], right[:32 - min(16, len(wrong))]])
+        save_png(os.path.join(cfg.out_dir, "predictions.png"), prediction_grid(
+            data["test"]["images"][show], predicted[show], labels[show], data["class_names"]))
+        metrics["attention_distance"] = attention_distances(model, data["test"]["images"][:256], rt)
+    return metrics
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------
+
+def validate_config(cfg, data):
+    """Every check that can fail before any work is done (DESIGN.md section 6)."""
+    if cfg.image_size % cfg.patch_size:
+        raise InputError(f"--image_size {cfg.image_size} is not divisible by --patch_size {cfg.patch_size}; "
+                         f"pick a patch size that divides it (e.g. {next(p for p in (4, 2, 1) if cfg.image_size % p == 0)})")
+    if cfg.dim % cfg.num_heads:
+        raise InputError(f"--dim {cfg.dim} is not divisible by --num_heads {cfg.num_heads}")
+    if cfg.pool not in ("cls", "mean"):
+        raise InputError(f"--pool {cfg.pool}: expected cls or mean")
+    if data is not None:
+        if "labels" not in data["train"]:
+            raise InputError(f"--data {cfg.data}: a classifier needs a 'labels' array")
+        if cfg.batch_size > len(data["train"]["labels"]):
+            raise InputError(f"--batch_size {cfg.batch_size} is larger than the {len(data['train']['labels'])} "
+                             f"training images; lower it or add data")
+
+
+def train(cfg):
+    """Train (or, with --eval_only, evaluate) and return the final metrics."""
+    t_start = time.time()
+    ckpt = None
+    if cfg.resume:
+        ckpt = load_checkpoint(cfg.resume, MODEL_NAME)
+        cfg = resume_config(cfg, ckpt["config"])
+    check_config(cfg)
+    validate_config(cfg, None)
+    rt = setup_runtime(cfg)
+    try:
+        data = load_data(cfg.data, cfg.image_size, cfg.n_train, cfg.n_test, cfg.seed)
+        validate_config(cfg, data)
+        num_classes = len(data["class_names"])
+        model = build_model(cfg, num_classes, data["channels"]).to(rt.device)
+        if cfg.eval_only:
+            if ckpt is None:
+                raise InputError("--eval_only 1 needs --resume path/to/ckpt.pt")
+            model.load_state_dict(ckpt["model"])
+            metrics = evaluate(model, data, cfg, rt) if rt.master else {}
+            if rt.master:
+                print(f"test accuracy {metrics['test_accuracy']:.4f} of checkpoint {cfg.resume} (step {ckpt['step']})")
+            return finish_run(cfg, rt, metrics, t_start)
+        optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, rt)
+        start = 0
+        if ckpt is not None:
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            start = ckpt["step"]
+            set_rng_state(ckpt["rng"])
+        run_model = prepare_model(model, rt)
+        logger = Logger(cfg.out_dir, cfg, rt, append=ckpt is not None)
+        logger.print(f"vit: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+                     f"{len(data['train']['labels'])} training images, {num_classes} classes, device {rt.device}, "
+                     f"{'bf16' if rt.amp_dtype else 'fp32'}{', compiled' if rt.compile else ''}, world size {rt.world_size}")
+        train_images = torch.as_tensor(data["train"]["images"])
+        train_labels = torch.as_tensor(data["train"]["labels"])
+        end = min(cfg.stop_step, cfg.max_steps) if cfg.stop_step else cfg.max_steps
+        progress = Progress(cfg, rt, logger, start, end, cfg.max_steps, model.flops_per_image())
+        for step in range(start, end):
+            lr = cosine_lr(step, cfg.max_steps, cfg.lr, cfg.min_lr, cfg.warmup_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            idx = batch_indices(step, len(train_labels), cfg.batch_size, cfg.seed, rt.rank, rt.world_size)
+            x = images_to_tensor(train_images[idx]).to(rt.device, non_blocking=True)
+            y = train_labels[idx].to(rt.device, non_blocking=True)
+            with rt.autocast():
+                loss = classification_loss(run_model(x), y, cfg.label_smoothing)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            done = step + 1
+            ckpt_now = progress.step(done, loss, lr)
+            if cfg.eval_every and done % cfg.eval_every == 0 and done != end and rt.master:
+                with progress.paused():
+                    acc = evaluate(model, data, cfg, rt, write_files=False)["test_accuracy"]
+                logger.print(f"step {done}: test accuracy {acc:.4f}")
+                logger.log({"step": done, "test_accuracy": acc})
+            if ckpt_now and rt.master:
+                save_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"),
+                                {"model_name": MODEL_NAME, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                 "step": done, "config": asdict(cfg), "rng": rng_state(), "data_position": done})
+        metrics = {}
+        if rt.master:
+            metrics = evaluate(model, data, cfg, rt)
+            metrics.update(steps=end, final_loss=progress.loss)
+            logger.print(f"test accuracy {metrics['test_accuracy']:.4f}")
+            logger.print("mean attention distance (px) per layer, all queries / object queries: " + "  ".join(
+                f"{r['layer']}:{r['mean']:.1f}/{r['object_queries']:.1f}" for r in metrics["attention_distance"]))
+        return finish_run(cfg, rt, metrics, t_start)
+    finally:
+        cleanup_runtime(rt)
+
+
+def main(argv=None):
+    cfg = parse_config(Config, PRESETS, argv, description=__doc__.split("\n")[0])
+    try:
+        return train(cfg)
+    except InputError as e:
+        sys.exit(f"error: {e}")
+
+
+# ==============================================================================================
+# Plumbing: owned by this file; every model file carries a checked copy of it, the same blocks
+# in the same order (the shapes world and .npz loading, runtime, logging and checkpoints, PNG and
+# font). None of it is specific to the ViT; a reader can stop here.
+# ==============================================================================================
+
+
+# ---- the shapes world and .npz loading
 
 SHAPES = ("circle", "square", "triangle")
 COLOR_NAMES = ("red", "green", "blue", "yellow", "magenta", "cyan", "white")
@@ -343,6 +533,10 @@ HELDOUT_PAIRS = (("circle", "green"), ("square", "magenta"), ("triangle", "cyan"
 SPLITS = ("train", "test", "heldout")
 HALF_EXTENT = (0.25, 0.40)  # half the shape's side, as a fraction of a grid cell, small / large
 JITTER = 0.08  # uniform jitter of the centre, as a fraction of a grid cell
+# How often a caption names the shape, color, size and position, each on its own (a caption that
+# would name none is redrawn): 16% of captions name just the shape and color ("a red circle"),
+# 16% all four, 4% only the color.
+CAPTION_NAME_PROB = (0.8, 0.8, 0.5, 0.5)
 
 
 class InputError(ValueError):
@@ -354,19 +548,33 @@ def shapes_class_names():
     return [f"{c} {s}" for s in SHAPES for c in COLOR_NAMES]
 
 
-def shapes_caption(attrs, phrasing):
-    """Plain-English caption of (shape, color, size, position) in one of three phrasings."""
+def shapes_caption(attrs, phrasing=0, named=(True, True, True, True)):
+    """Plain-English caption that names the attributes (shape, color, size, position) marked in
+    `named`, in one of three phrasings:
+        0  "a {size} {color} {shape} at the {position}"    "a red circle", "a large shape at the top"
+        1  "there is a {size} {color} {shape} in the {position}"
+        2  "{size} {color} {shape} in the {position}", or without a shape "something {size} and
+           {color} in the {position}"                     "something cyan in the bottom left"
+    An unnamed attribute is left out; an unnamed shape reads "shape" (or "something").
+    """
     shape, color, size, pos = (SHAPES[attrs[0]], COLOR_NAMES[attrs[1]], SIZES[attrs[2]], POSITIONS[attrs[3]])
-    return (f"a {size} {color} {shape} at the {pos}",
-            f"a {color} {shape}, {size}, at the {pos}",
-            f"there is a {size} {color} {shape} in the {pos}")[phrasing % 3]
+    adjectives = [word for word, keep in ((size, named[2]), (color, named[1])) if keep]
+    sides = {"top": "at the top", "bottom": "at the bottom", "left": "on the left", "right": "on the right"}
+    where = lambda preposition: " " + sides.get(pos, f"{preposition} the {pos}") if named[3] else ""  # noqa: E731
+    if phrasing % 3 == 2 and not named[0]:
+        return "something" + (" " + " and ".join(adjectives) if adjectives else "") + where("in")
+    noun = " ".join(adjectives + [shape if named[0] else "shape"])
+    return (f"a {noun}{where('at')}", f"there is a {noun}{where('in')}", f"{noun}{where('in')}")[phrasing % 3]
 
 
 def shapes_attributes(split, n, seed):
-    """Attributes (n, 4) [shape, color, size, position], jitter (n, 2), phrasing (n,) of a split.
+    """Attributes (n, 4) [shape, color, size, position], jitter (n, 2), phrasing (n,) and the
+    attributes its caption names (n, 4) bool, of a split.
 
     Sample i depends only on (seed, split, i). train and test draw i.i.d. from the 18 seen
-    (shape, color) pairs; heldout draws only the 3 HELDOUT_PAIRS.
+    (shape, color) pairs; heldout draws only the 3 HELDOUT_PAIRS. A caption names each attribute
+    independently with CAPTION_NAME_PROB (redrawn if it would name none), in one of three
+    phrasings with equal probability.
     """
     heldout = {(SHAPES.index(s), COLOR_NAMES.index(c)) for s, c in HELDOUT_PAIRS}
     all_pairs = [(s, c) for s in range(len(SHAPES)) for c in range(len(COLOR_NAMES))]
@@ -374,6 +582,7 @@ def shapes_attributes(split, n, seed):
     attrs = np.zeros((n, 4), dtype=np.int64)
     jitter = np.zeros((n, 2), dtype=np.float64)
     phrasing = np.zeros(n, dtype=np.int64)
+    named = np.zeros((n, 4), dtype=bool)
     for i in range(n):
         rng = np.random.default_rng([seed, SPLITS.index(split), i])
         attrs[i, :2] = pairs[rng.integers(len(pairs))]
@@ -381,7 +590,9 @@ def shapes_attributes(split, n, seed):
         attrs[i, 3] = rng.integers(len(POSITIONS))
         jitter[i] = rng.uniform(-JITTER, JITTER, size=2)
         phrasing[i] = rng.integers(3)
-    return attrs, jitter, phrasing
+        while not named[i].any():
+            named[i] = rng.random(4) < CAPTION_NAME_PROB
+    return attrs, jitter, phrasing, named
 
 
 def shape_coverage(shape, cx, cy, h, image_size, supersample=4):
@@ -450,12 +661,14 @@ def detect_attributes(images):
 
 
 def shapes_split(split, n, image_size, seed):
-    """One split of the shapes world as a dict: images, labels, attributes, captions."""
-    attrs, jitter, phrasing = shapes_attributes(split, n, seed)
+    """One split of the shapes world as a dict: images, labels, attributes, captions, and
+    caption_attributes (n, 4), the attributes each caption names, -1 where it leaves one out."""
+    attrs, jitter, phrasing, named = shapes_attributes(split, n, seed)
     return {"images": render_shapes(attrs, jitter, image_size),
             "labels": attrs[:, 0] * len(COLOR_NAMES) + attrs[:, 1],
             "attributes": attrs,
-            "captions": [shapes_caption(a, p) for a, p in zip(attrs, phrasing)]}
+            "captions": [shapes_caption(a, p, m) for a, p, m in zip(attrs, phrasing, named)],
+            "caption_attributes": np.where(named, attrs, -1)}
 
 
 def load_npz(path):
@@ -544,9 +757,8 @@ def batch_indices(step, n, batch_size, seed, rank=0, world_size=1):
     return batch[rank * per_rank:(rank + 1) * per_rank]
 
 
-# ----------------------------------------------------------------------------------------------
-# Runtime: CLI, device and precision, DDP, schedule, logging, checkpoints, pictures
-# ----------------------------------------------------------------------------------------------
+# ---- runtime: flags, device and precision, DDP, optimizer and schedule
+
 
 def config_help(config_cls):
     """Each Config field's trailing comment, read from the source: the comment is the --help."""
@@ -576,6 +788,41 @@ def parse_config(config_cls, presets, argv=None, description=None):
     args = vars(parser.parse_args(argv))
     preset = args.pop("preset")
     return config_cls(**{**presets[preset], **args})
+
+
+def in_range(value, spec):
+    """Is a number inside a range written as '>= 1', '> 0', '[0, 1)' or '[0, 1]'? (finite only)"""
+    if not math.isfinite(value):
+        return False
+    if spec[0] in "[(":
+        low, high = (float(s) for s in spec[1:-1].split(","))
+        above = low <= value if spec[0] == "[" else low < value
+        return above and (value <= high if spec[-1] == "]" else value < high)
+    op, bound = spec.split()
+    return value >= float(bound) if op == ">=" else value > float(bound)
+
+
+def check_config(cfg):
+    """The checks every file makes before any work: each numeric field inside its RANGES entry
+    (an integer >= 1 or a finite float > 0 where none is listed), a global batch that divides over
+    the processes, and an output directory that can be created and written."""
+    for f in fields(cfg):
+        if f.type not in ("int", "float"):
+            continue
+        value, spec = getattr(cfg, f.name), RANGES.get(f.name, ">= 1" if f.type == "int" else "> 0")
+        if not in_range(value, spec):
+            kind = "an integer" if f.type == "int" else "a finite number"
+            raise InputError(f"--{f.name} {value}: expected {kind} {spec if spec[0] in '<>' else 'in ' + spec}")
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if cfg.batch_size % world_size:
+        raise InputError(f"--batch_size {cfg.batch_size} is global and must divide evenly over {world_size} processes")
+    try:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        writable = os.access(cfg.out_dir, os.W_OK)
+    except OSError:
+        writable = False
+    if not writable:
+        raise InputError(f"--out_dir {cfg.out_dir}: cannot create or write this directory; pass another --out_dir")
 
 
 @dataclass
@@ -666,6 +913,9 @@ def cosine_lr(step, max_steps, lr, min_lr, warmup_steps):
     return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
+# ---- logging and checkpoints
+
+
 def peak_flops(device):
     """Dense bf16 peak FLOP/s of known GPUs, for MFU; None where unknown."""
     if device.type != "cuda":
@@ -706,6 +956,66 @@ class Logger:
         if self.enabled:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+
+
+class Progress:
+    """The bookkeeping after each optimizer step. At log and checkpoint steps, the only places that
+    wait for the device, the loss is averaged over ranks, checked to be finite and kept in
+    `self.loss`; at log steps one progress line is printed and logged, tensors in `extra` read
+    then. Time spent inside `paused()` (an evaluation) is kept out of ms/step."""
+
+    def __init__(self, cfg, rt, logger, start, end, total, flops_per_item=None, unit="img"):
+        self.cfg, self.rt, self.logger = cfg, rt, logger
+        self.end, self.total, self.unit = end, total, unit
+        self.flops_per_item, self.peak = flops_per_item, peak_flops(rt.device)
+        self.loss, self.t_log, self.step_log = None, time.time(), start
+
+    def step(self, done, loss, lr, **extra):
+        """Account for optimizer step `done` (1-based); True when a checkpoint is due."""
+        log_now = done % self.cfg.log_every == 0 or done == self.end
+        ckpt_now = done % self.cfg.ckpt_every == 0 or done == self.end
+        if log_now or ckpt_now:
+            loss_sum = loss.detach().float()
+            if self.rt.world_size > 1:
+                dist.all_reduce(loss_sum)
+            self.loss = loss_sum.item() / self.rt.world_size
+            check_finite(self.loss, done, self.cfg.out_dir)
+        if log_now:
+            dt = (time.time() - self.t_log) / (done - self.step_log)
+            self.t_log, self.step_log = time.time(), done
+            per_s = self.cfg.batch_size / dt
+            known = self.peak and self.flops_per_item
+            mfu = self.flops_per_item * per_s / (self.peak * self.rt.world_size) if known else None
+            self.logger.print(format_progress(done, self.total, self.loss, lr, 1000 * dt, per_s, (self.end - done) * dt,
+                                              mfu, self.unit))
+            extra = {k: v.item() if torch.is_tensor(v) else v for k, v in extra.items()}
+            self.logger.log({"step": done, "loss": self.loss, "lr": lr, "ms_per_step": 1000 * dt, **extra})
+        return ckpt_now
+
+    @contextlib.contextmanager
+    def paused(self):
+        t = time.time()
+        try:
+            yield
+        finally:
+            self.t_log += time.time() - t
+
+
+def finish_run(cfg, rt, metrics, t_start):
+    """Rank 0 adds the wall time and writes metrics.json; every rank returns the metrics."""
+    if rt.master:
+        metrics["wall_time_s"] = time.time() - t_start
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        with open(os.path.join(cfg.out_dir, "metrics.json"), "w") as f:
+            json.dump(metrics, f, indent=2)
+    return metrics
+
+
+def check_finite(loss_value, step, out_dir):
+    """Stop on a non-finite loss, leaving the last checkpoint (written only at finite steps) intact."""
+    if not math.isfinite(loss_value):
+        raise FloatingPointError(f"non-finite loss ({loss_value}) at step {step}; the last good checkpoint "
+                                 f"is {os.path.join(out_dir, 'ckpt.pt')} if one was written; lower --lr")
 
 
 def rng_state():
@@ -750,11 +1060,6 @@ def load_checkpoint(path, model_name):
     return ckpt
 
 
-# Fields that may change when a run is resumed; any other difference is an error.
-RUNTIME_FIELDS = ("device", "dtype", "compile", "out_dir", "log_every", "eval_every", "ckpt_every",
-                  "resume", "stop_step", "eval_only", "max_steps")
-
-
 def resume_config(cfg, saved):
     """The config to run with when resuming: the checkpoint's, for evaluation (only runtime fields
     taken from the command line); for training, the command line's, which must match the checkpoint."""
@@ -770,11 +1075,7 @@ def resume_config(cfg, saved):
     return cfg
 
 
-def check_finite(loss_value, step, out_dir):
-    """Stop on a non-finite loss, leaving the last checkpoint (written only at finite steps) intact."""
-    if not math.isfinite(loss_value):
-        raise FloatingPointError(f"non-finite loss ({loss_value}) at step {step}; the last good checkpoint "
-                                 f"is {os.path.join(out_dir, 'ckpt.pt')} if one was written; lower --lr")
+# ---- PNG and font
 
 
 def save_png(path, image):
@@ -824,201 +1125,6 @@ def draw_text(canvas, text, x, y, color=(255, 255, 255), scale=1):
                     y0, x0 = y + r * scale, x + (4 * i + c) * scale
                     canvas[y0:y0 + scale, x0:x0 + scale] = color
     return canvas
-
-
-# ----------------------------------------------------------------------------------------------
-# Training and evaluation
-# ----------------------------------------------------------------------------------------------
-
-def validate_config(cfg, data):
-    """Every check that can fail before any work is done (DESIGN.md section 6)."""
-    if cfg.image_size % cfg.patch_size:
-        raise InputError(f"--image_size {cfg.image_size} is not divisible by --patch_size {cfg.patch_size}; "
-                         f"pick a patch size that divides it (e.g. {next(p for p in (4, 2, 1) if cfg.image_size % p == 0)})")
-    if cfg.dim % cfg.num_heads:
-        raise InputError(f"--dim {cfg.dim} is not divisible by --num_heads {cfg.num_heads}")
-    if cfg.pool not in ("cls", "mean"):
-        raise InputError(f"--pool {cfg.pool}: expected cls or mean")
-    if cfg.batch_size % int(os.environ.get("WORLD_SIZE", 1)):
-        raise InputError(f"--batch_size {cfg.batch_size} is global and must divide evenly over "
-                         f"{os.environ.get('WORLD_SIZE')} processes")
-    if data is not None:
-        if "labels" not in data["train"]:
-            raise InputError(f"--data {cfg.data}: a classifier needs a 'labels' array")
-        if cfg.batch_size > len(data["train"]["labels"]):
-            raise InputError(f"--batch_size {cfg.batch_size} is larger than the {len(data['train']['labels'])} "
-                             f"training images; lower it or add data")
-
-
-@torch.no_grad()
-def predict(model, images, rt, batch_size=500):
-    """Logits for uint8 images (N, H, W, C), in eval mode, batched."""
-    was_training = model.training
-    model.eval()
-    out = []
-    for lo in range(0, len(images), batch_size):
-        x = images_to_tensor(images[lo:lo + batch_size]).to(rt.device)
-        with rt.autocast():
-            out.append(model(x).float().cpu())
-    model.train(was_training)
-    return torch.cat(out)
-
-
-@torch.no_grad()
-def attention_distances(model, images, rt):
-    """Mean attention distance per block in pixels: over heads (mean, min, max) for all query
-    patches, and the mean for the query patches that show part of the object (not pure black)."""
-    model.eval()
-    x = images_to_tensor(images).to(rt.device)
-    _, attns = model(x, return_attn=True)
-    prefix = 1 if model.cls_token is not None else 0
-    on_object = patchify(x, model.patch_size).amax(dim=-1) > -0.9  # (B, N): some pixel is lit
-    rows = []
-    for layer, a in enumerate(attns):
-        heads = mean_attention_distance(a, model.grid, model.patch_size, prefix).cpu()
-        on_obj = mean_attention_distance(a, model.grid, model.patch_size, prefix, on_object).mean().item()
-        rows.append({"layer": layer, "mean": heads.mean().item(), "min": heads.min().item(),
-                     "max": heads.max().item(), "object_queries": on_obj})
-    return rows
-
-
-def prediction_grid(images, predicted, labels, class_names, ncols=8):
-    """Test images, each with its predicted class below (green if right, red with the truth if wrong)."""
-    scale = max(1, 72 // images.shape[1])
-    h, w = images.shape[1] * scale, images.shape[2] * scale
-    tiles = []
-    for img, p, y in zip(images, predicted, labels):
-        tile = np.zeros((h + 14, max(w, 72), 3), dtype=np.uint8)
-        big = np.repeat(np.repeat(img, scale, axis=0), scale, axis=1)
-        tile[:h, :w] = big if big.shape[2] == 3 else np.repeat(big, 3, axis=2)
-        right = p == y
-        draw_text(tile, class_names[p][:18], 0, h + 1, (80, 255, 80) if right else (255, 80, 80))
-        if not right:
-            draw_text(tile, class_names[y][:18], 0, h + 8, (200, 200, 200))
-        tiles.append(tile)
-    return image_grid(np.stack(tiles), ncols)
-
-
-def evaluate(model, data, cfg, rt, write_files=True):
-    """Test accuracy, attention distances, the prediction grid; returns the metrics."""
-    logits = predict(model, data["test"]["images"], rt)
-    predicted = logits.argmax(dim=1).numpy()
-    labels = data["test"]["labels"]
-    metrics = {"test_accuracy": float((predicted == labels).mean()), "test_size": int(len(labels))}
-    if write_files:
-        # The first mistakes (up to 16), then correct predictions, 32 in all.
-        wrong, right = np.flatnonzero(predicted != labels), np.flatnonzero(predicted == labels)
-        show = np.concatenate([wrong[:16], right[:32 - min(16, len(wrong))]])
-        save_png(os.path.join(cfg.out_dir, "predictions.png"), prediction_grid(
-            data["test"]["images"][show], predicted[show], labels[show], data["class_names"]))
-        metrics["attention_distance"] = attention_distances(model, data["test"]["images"][:256], rt)
-    return metrics
-
-
-def train(cfg):
-    """Train (or, with --eval_only, evaluate) and return the final metrics."""
-    t_start = time.time()
-    ckpt = None
-    if cfg.resume:
-        ckpt = load_checkpoint(cfg.resume, MODEL_NAME)
-        cfg = resume_config(cfg, ckpt["config"])
-    validate_config(cfg, None)
-    rt = setup_runtime(cfg)
-    try:
-        data = load_data(cfg.data, cfg.image_size, cfg.n_train, cfg.n_test, cfg.seed)
-        validate_config(cfg, data)
-        num_classes = len(data["class_names"])
-        model = build_model(cfg, num_classes, data["channels"]).to(rt.device)
-        if cfg.eval_only:
-            if ckpt is None:
-                raise InputError("--eval_only 1 needs --resume path/to/ckpt.pt")
-            model.load_state_dict(ckpt["model"])
-            metrics = evaluate(model, data, cfg, rt) if rt.master else {}
-            if rt.master:
-                print(f"test accuracy {metrics['test_accuracy']:.4f} of checkpoint {cfg.resume} (step {ckpt['step']})")
-            return _finish(cfg, rt, metrics, t_start)
-        optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, rt)
-        start = 0
-        if ckpt is not None:
-            model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            start = ckpt["step"]
-            set_rng_state(ckpt["rng"])
-        run_model = prepare_model(model, rt)
-        logger = Logger(cfg.out_dir, cfg, rt, append=ckpt is not None)
-        logger.print(f"vit: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-                     f"{len(data['train']['labels'])} training images, {num_classes} classes, device {rt.device}, "
-                     f"{'bf16' if rt.amp_dtype else 'fp32'}{', compiled' if rt.compile else ''}, world size {rt.world_size}")
-        train_images = torch.as_tensor(data["train"]["images"])
-        train_labels = torch.as_tensor(data["train"]["labels"])
-        end = min(cfg.stop_step, cfg.max_steps) if cfg.stop_step else cfg.max_steps
-        flops, peak = model.flops_per_image(), peak_flops(rt.device)
-        metrics, loss_value, t_log, step_log = {}, None, time.time(), start
-        for step in range(start, end):
-            lr = cosine_lr(step, cfg.max_steps, cfg.lr, cfg.min_lr, cfg.warmup_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            idx = batch_indices(step, len(train_labels), cfg.batch_size, cfg.seed, rt.rank, rt.world_size)
-            x = images_to_tensor(train_images[idx]).to(rt.device, non_blocking=True)
-            y = train_labels[idx].to(rt.device, non_blocking=True)
-            with rt.autocast():
-                loss = classification_loss(run_model(x), y, cfg.label_smoothing)
-            loss.backward()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            done = step + 1
-            log_now, ckpt_now = done % cfg.log_every == 0 or done == end, done % cfg.ckpt_every == 0 or done == end
-            if log_now or ckpt_now:  # the only places that wait for the device
-                loss_sum = loss.detach().float()
-                if rt.world_size > 1:
-                    dist.all_reduce(loss_sum)
-                loss_value = loss_sum.item() / rt.world_size
-                check_finite(loss_value, done, cfg.out_dir)
-            if log_now:
-                dt = (time.time() - t_log) / (done - step_log)
-                t_log, step_log = time.time(), done
-                per_s = cfg.batch_size / dt
-                mfu = flops * per_s / (peak * rt.world_size) if peak else None
-                logger.print(format_progress(done, cfg.max_steps, loss_value, lr, 1000 * dt, per_s, (end - done) * dt, mfu))
-                logger.log({"step": done, "loss": loss_value, "lr": lr, "ms_per_step": 1000 * dt})
-            if cfg.eval_every and done % cfg.eval_every == 0 and done != end and rt.master:
-                t_eval = time.time()
-                acc = evaluate(model, data, cfg, rt, write_files=False)["test_accuracy"]
-                logger.print(f"step {done}: test accuracy {acc:.4f}")
-                logger.log({"step": done, "test_accuracy": acc})
-                t_log += time.time() - t_eval  # keep evaluation out of ms/step
-            if ckpt_now and rt.master:
-                save_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"),
-                                {"model_name": MODEL_NAME, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                 "step": done, "config": asdict(cfg), "rng": rng_state(), "data_position": done})
-        if rt.master:
-            metrics = evaluate(model, data, cfg, rt)
-            metrics.update(steps=end, final_loss=loss_value)
-            logger.print(f"test accuracy {metrics['test_accuracy']:.4f}")
-            logger.print("mean attention distance (px) per layer, all queries / object queries: " + "  ".join(
-                f"{r['layer']}:{r['mean']:.1f}/{r['object_queries']:.1f}" for r in metrics["attention_distance"]))
-        return _finish(cfg, rt, metrics, t_start)
-    finally:
-        cleanup_runtime(rt)
-
-
-def _finish(cfg, rt, metrics, t_start):
-    if rt.master:
-        metrics["wall_time_s"] = time.time() - t_start
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        with open(os.path.join(cfg.out_dir, "metrics.json"), "w") as f:
-            json.dump(metrics, f, indent=2)
-    return metrics
-
-
-def main(argv=None):
-    cfg = parse_config(Config, PRESETS, argv, description=__doc__.split("\n")[0])
-    try:
-        return train(cfg)
-    except InputError as e:
-        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

@@ -423,9 +423,10 @@ def test_reflow_straightens_a_learned_two_mode_flow_so_one_euler_step_suffices()
 # ---------------------------------------------------------------- checkpoint and resume
 
 
-@pytest.mark.parametrize("stop", [3, 6])
-def test_n_steps_then_resume_then_m_steps_equals_n_plus_m_steps_bitwise(tmp_path, stop):
-    """Stop 3 lies in the flow-matching phase, stop 6 inside the reflow pass (teacher restored)."""
+def test_resume_inside_the_reflow_pass_equals_the_uninterrupted_run_bitwise(tmp_path):
+    """The contract resumes inside flow matching; here the run stops inside the reflow pass, whose
+    teacher and couplings must come back from the checkpoint."""
+    stop = 6  # flow matching: steps 1-4, reflow: 5-8
     common = ["--max_steps", 4, "--reflow_steps", 4, "--log_every", 1, "--eval_nfe", 1, "--eval_solvers", "euler"]
     fm.main(tiny_args(tmp_path / "a", *common, "--stop_step", stop))
     fm.main(tiny_args(tmp_path / "a", *common, "--resume", tmp_path / "a" / "ckpt.pt"))
@@ -440,12 +441,8 @@ def test_n_steps_then_resume_then_m_steps_equals_n_plus_m_steps_bitwise(tmp_path
     assert losses(tmp_path / "a") == losses(tmp_path / "b")
 
 
-def test_eval_only_takes_the_config_from_the_checkpoint_and_the_sampler_from_the_flags(tmp_path, capsys):
+def test_eval_only_takes_the_model_from_the_checkpoint_and_the_sampler_from_the_flags(tmp_path, capsys):
     fm.main(tiny_args(tmp_path, "--base_channels", 16))
-    trained = json.loads((tmp_path / "metrics.json").read_text())
-    # the model comes from the checkpoint; sampler and evaluation settings from the preset and flags
-    metrics = fm.main(tiny_args(tmp_path / "eval", "--eval_only", 1, "--resume", tmp_path / "ckpt.pt"))
-    assert metrics["alignment"] == trained["alignment"] and metrics["cfg_sweep"] == trained["cfg_sweep"]
     again = fm.main(tiny_args(tmp_path / "eval", "--eval_only", 1, "--resume", tmp_path / "ckpt.pt",
                               "--eval_nfe", "3,6", "--eval_solvers", "midpoint", "--eval_ws", "0,3"))
     assert [(r["solver"], r["nfe"]) for r in again["nfe_sweep"]] == [("midpoint", 6)]  # 3 is no multiple of 2
@@ -477,14 +474,6 @@ def test_cli_trains_on_a_real_npz_file_and_samples_follow_the_labels(tmp_path):
     assert dark < 60 and bright > 150, (dark, bright)
 
 
-def test_script_runs_from_the_command_line(tmp_path):
-    out = subprocess.run([sys.executable, "flow_matching.py", *tiny_args(tmp_path)], cwd=ROOT, capture_output=True,
-                         text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert out.returncode == 0, out.stderr
-    assert "step       6/6" in out.stdout and "| w | alignment | diversity |" in out.stdout
-    assert "straightness" in json.loads((tmp_path / "metrics.json").read_text())
-
-
 # ---------------------------------------------------------------- bad inputs
 
 
@@ -496,7 +485,7 @@ def test_script_runs_from_the_command_line(tmp_path):
     (["--t_schedule", "beta"], "--t_schedule beta: expected uniform or logit_normal"),
     (["--eval_nfe", "1,two"], "--eval_nfe '1,two': expected a comma-separated list of int"),
     (["--eval_nfe", "0,4"], "every --eval_nfe entry must be >= 1"),
-    (["--p_uncond", 1.5], "--p_uncond 1.5"),
+    (["--p_uncond", 1.5], "--p_uncond 1.5: expected a finite number in"),
     (["--batch_size", 512], "--batch_size 512 is larger than the 128 training images"),
     (["--eval_only", 1], "--eval_only 1 needs --resume"),
 ])
@@ -505,57 +494,18 @@ def test_bad_flags_are_one_clear_error(tmp_path, flags, message):
         fm.main(tiny_args(tmp_path, *flags))
 
 
-@pytest.mark.parametrize("content, message", [
-    (dict(pixels=np.zeros((4, 8, 8, 3), np.uint8)), "missing key 'images'"),
-    (dict(images=np.zeros((4, 8, 8, 3), np.float32)), "must be uint8"),
-    (dict(images=np.zeros((0, 8, 8, 3), np.uint8)), "is empty"),
-    (dict(images=np.zeros((4, 8, 8, 3), np.uint8)), "needs a 'labels' array"),
-    (dict(images=np.zeros((4, 16, 16, 3), np.uint8), labels=np.zeros(4, np.int64)), "pass --image_size 16"),
-    (None, "not a readable .npz"),
-])
-def test_malformed_npz_is_a_clear_error(tmp_path, content, message):
-    path = tmp_path / "bad.npz"
-    if content is None:
-        path.write_bytes(b"this is not a zip file")
-    else:
-        np.savez(path, **content)
-    with pytest.raises(SystemExit, match=message):
-        fm.main(tiny_args(tmp_path, "--data", path, "--image_size", 8))
-
-
-def test_resume_from_another_models_or_config_or_a_corrupt_checkpoint_is_a_clear_error(tmp_path):
-    fm.main(tiny_args(tmp_path))
-    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
-    torch.save({**ckpt, "model_name": "ddpm"}, tmp_path / "other.pt")
-    with pytest.raises(SystemExit, match="checkpoint of 'ddpm', not of 'flow_matching'"):
-        fm.main(tiny_args(tmp_path, "--resume", tmp_path / "other.pt"))
-    with pytest.raises(SystemExit, match=r"another config \(t_schedule: checkpoint 'uniform', now 'logit_normal'\)"):
-        fm.main(tiny_args(tmp_path, "--resume", tmp_path / "ckpt.pt", "--t_schedule", "logit_normal"))
-    data = (tmp_path / "ckpt.pt").read_bytes()
-    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
-    with pytest.raises(SystemExit, match="corrupt or truncated"):
-        fm.main(tiny_args(tmp_path, "--resume", tmp_path / "cut.pt"))
-    with pytest.raises(SystemExit, match="no such file"):
-        fm.main(tiny_args(tmp_path, "--resume", tmp_path / "missing.pt"))
-
-
-def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
-    with pytest.raises(FloatingPointError, match="non-finite loss .* at step 2"):
-        fm.main(tiny_args(tmp_path, "--lr", 1e30, "--grad_clip", 0, "--log_every", 1, "--ckpt_every", 1))
-    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 1
+def test_an_npz_without_labels_is_a_clear_error(tmp_path):
+    np.savez(tmp_path / "bad.npz", images=np.zeros((4, 8, 8, 3), np.uint8))
+    with pytest.raises(SystemExit, match="a class-conditional flow needs a 'labels' array"):
+        fm.main(tiny_args(tmp_path, "--data", tmp_path / "bad.npz", "--image_size", 8))
 
 
 # ---------------------------------------------------------------- slow: compile and DDP
 
 
 @pytest.mark.slow
-def test_compiled_tiny_preset_trains_on_cpu(tmp_path):
-    metrics = fm.main(tiny_args(tmp_path, "--compile", 1, "--max_steps", 2, "--device", "cpu"))
-    assert metrics["steps"] == 2 and np.isfinite(metrics["final_loss"])
-
-
-@pytest.mark.slow
-def test_two_process_ddp_gives_the_single_process_loss_curve(tmp_path):
+def test_two_processes_through_a_reflow_pass_give_the_single_process_loss_curve(tmp_path):
+    """The contract's DDP run has no reflow; the couplings must be the same on every rank."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     args = tiny_args(tmp_path / "ddp", "--max_steps", 4, "--reflow_steps", 2, "--log_every", 1, "--device", "cpu")
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
