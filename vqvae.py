@@ -739,8 +739,10 @@ def discretized_gaussian_nll(x, mean, log_scale):
     return -log_prob.flatten(1).sum(1)
 
 
-def bits_per_dim(nats, num_dims):
-    """A negative log-likelihood in nats per sample -> bits per subpixel."""
+# Copied from pixel_ar.bits_per_dim
+def bits_per_dim(nats, num_dims=1):
+    """A negative log-likelihood of num_dims values in nats -> bits per dimension."""
+    # Eq (bits/dim): bpd = L / (T ln 2)
     return nats / (num_dims * math.log(2))
 
 
