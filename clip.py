@@ -56,6 +56,15 @@ Commands:
     torchrun --standalone --nproc_per_node=4 clip.py --preset gpu     # DDP; --batch_size is global
     python clip.py --eval_only 1 --resume out/clip/ckpt.pt            # evaluate a checkpoint
     python clip.py --data pairs.npz --image_size 28 --patch_size 4  # images, captions [labels, class_names]
+    python tools/to_npz.py cifar10 cifar-10-python.tar.gz --out c10.npz --captions "a photo of a {}"  # such a file
+    python clip.py --init ViT-B-32.pt --eval_only 1 --data c10.npz --image_size 224   # OpenAI's tower: its features
+    python clip.py --init ViT-B-32.pt --data c10.npz --image_size 32                  # its tower, a new text encoder
+
+Published weights (--init, openai_visual_config / load_openai_visual): the image tower of an OpenAI
+CLIP file (its TorchScript .pt, or open_clip's .bin / .safetensors, which keep OpenAI's names); its
+shapes set the tower, QuickGELU and CLIP's pixel statistics are the defaults. The text tower is
+not loaded (it reads BPE tokens; this file's reads bytes), so --eval_only with --init measures the
+tower by the nearest class mean of its embeddings. Checked against open_clip's models (README).
 """
 
 from __future__ import annotations
@@ -98,6 +107,12 @@ class Config:
     text_heads: int = 2  # text encoder attention heads
     context_length: int = 64  # text tokens with BOS and EOS; a longer caption is an error
     embed_dim: int = 64  # E: width of the joint image-text space
+    patch_bias: bool = True  # a bias on the image encoder's patch embedding (OpenAI CLIP's has none)
+    act: str = "auto"  # image encoder MLP activation: gelu or quick_gelu; auto: quick_gelu with --init (OpenAI's), else gelu
+    input_norm: str = "auto"  # pixels the image encoder sees: unit ([-1, 1]), imagenet or clip mean/std; auto: clip with --init, else unit
+    # published weights
+    init: str = ""  # an image tower in OpenAI CLIP's layout (visual.*: its .pt, open_clip's .bin or .safetensors) to start from; its shapes set the tower
+    init_heads: int = 0  # attention heads of the --init tower, which its tensors do not record (0: width / 64)
     # evaluation
     zero_shot: str = "mean"  # zero-shot rule: mean (CLIP's: average each class's prompt embeddings) or softmax_sum
     # data
@@ -124,12 +139,12 @@ class Config:
     ckpt_every: int = 800  # steps between checkpoints (one is always written at the end)
     resume: str = ""  # checkpoint to resume training from, or to evaluate with --eval_only 1
     stop_step: int = 0  # end this run at this step although the schedule spans max_steps (0: off)
-    eval_only: bool = False  # with --resume: only evaluate the checkpoint and write the PNGs
+    eval_only: bool = False  # with --resume: only evaluate the checkpoint and write the PNGs (with --init: the tower's features)
 
 
 # The accepted range of each numeric field, checked before any work (check_config). A field not
 # listed is an integer >= 1 or a finite float > 0.
-RANGES = {"min_lr": ">= 0", "warmup_steps": ">= 0", "weight_decay": ">= 0", "grad_clip": ">= 0", "seed": ">= 0",
+RANGES = {"init_heads": ">= 0", "min_lr": ">= 0", "warmup_steps": ">= 0", "weight_decay": ">= 0", "grad_clip": ">= 0", "seed": ">= 0",
           "eval_every": ">= 0", "stop_step": ">= 0"}
 
 # Fields that may change when a run is resumed (any other difference is an error), and that
@@ -188,15 +203,18 @@ class Attention(nn.Module):
 
 # Copied from vit.MLP
 class MLP(nn.Module):
-    """Position-wise feed-forward network: Linear -> GELU -> Linear."""
+    """Position-wise feed-forward network: Linear -> GELU -> Linear. act='quick_gelu' is OpenAI
+    CLIP's approximation x * sigmoid(1.702 x), which its released weights were trained with."""
 
-    def __init__(self, dim, hidden):
+    def __init__(self, dim, hidden, act="gelu"):
         super().__init__()
+        self.quick_gelu = act == "quick_gelu"
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x)))
+        h = self.fc1(x)
+        return self.fc2(h * torch.sigmoid(1.702 * h) if self.quick_gelu else F.gelu(h))
 
 # Copied from vit.DropPath
 class DropPath(nn.Module):
@@ -217,12 +235,12 @@ class DropPath(nn.Module):
 class Block(nn.Module):
     """Pre-norm Transformer block: x + Attn(LN(x)), then x + MLP(LN(x))."""
 
-    def __init__(self, dim, num_heads, mlp_ratio=4.0, drop_path=0.0):
+    def __init__(self, dim, num_heads, mlp_ratio=4.0, drop_path=0.0, norm_eps=1e-5, act="gelu"):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
         self.attn = Attention(dim, num_heads)
-        self.norm2 = nn.LayerNorm(dim)
-        self.mlp = MLP(dim, int(dim * mlp_ratio))
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = MLP(dim, round(dim * mlp_ratio), act)
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x, mask=None, return_attn=False):
@@ -237,13 +255,33 @@ class Block(nn.Module):
 class PatchEmbed(nn.Module):
     """x = x_p W_e + b as a convolution with kernel = stride = P (same weights, one fused op)."""
 
-    def __init__(self, patch_size, in_channels, dim):
+    def __init__(self, patch_size, in_channels, dim, bias=True):
         super().__init__()
         self.patch_size = patch_size
-        self.proj = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
+        self.proj = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size, bias=bias)
 
     def forward(self, x):
         return self.proj(x).flatten(2).transpose(1, 2)  # (B, D, H/P, W/P) -> (B, N, D)
+
+
+# Copied from vit.InputNorm
+class InputNorm(nn.Module):
+    """The project's pixels x in [-1, 1] mapped to the convention that published weights were
+    trained with: (p - mean) / std per channel on p = (x + 1) / 2 in [0, 1]; 'unit' keeps x."""
+
+    STATS = {"imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # timm's default for ImageNet ViTs
+             "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))}  # OpenAI CLIP
+
+    def __init__(self, kind="unit"):
+        super().__init__()
+        self.kind = kind
+        if kind != "unit":
+            mean, std = self.STATS[kind]
+            self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+            self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, x):
+        return x if self.kind == "unit" else ((x + 1) / 2 - self.mean) / self.std
 
 
 class ByteTokenizer:
@@ -304,15 +342,17 @@ class ByteTokenizer:
 class ImageEncoder(nn.Module):
     """f_I: a ViT in CLIP's layout: [class token] + patches + positions, LN, blocks, LN, projection."""
 
-    def __init__(self, image_size, patch_size, in_channels, dim, depth, num_heads, mlp_ratio, embed_dim):
+    def __init__(self, image_size, patch_size, in_channels, dim, depth, num_heads, mlp_ratio, embed_dim,
+                 patch_bias=True, act="gelu", input_norm="unit"):
         super().__init__()
-        num_patches = (image_size // patch_size) ** 2
-        self.patch_embed = PatchEmbed(patch_size, in_channels, dim)
+        self.grid = (image_size // patch_size, image_size // patch_size)
+        self.input_norm = InputNorm(input_norm)
+        self.patch_embed = PatchEmbed(patch_size, in_channels, dim, patch_bias)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.pos_embed = nn.Parameter(torch.randn(1, num_patches + 1, dim) * 0.02)
+        self.pos_embed = nn.Parameter(torch.randn(1, self.grid[0] * self.grid[1] + 1, dim) * 0.02)
         # CLIP's one change to the ViT trunk: a LayerNorm before the blocks as well as after them.
         self.ln_pre = nn.LayerNorm(dim)
-        self.blocks = nn.ModuleList(Block(dim, num_heads, mlp_ratio) for _ in range(depth))
+        self.blocks = nn.ModuleList(Block(dim, num_heads, mlp_ratio, act=act) for _ in range(depth))
         self.ln_post = nn.LayerNorm(dim)
         self.proj = nn.Linear(dim, embed_dim, bias=False)
 
@@ -321,7 +361,7 @@ class ImageEncoder(nn.Module):
         LLaVA reads the patch tokens of the penultimate block: tokens(x, -1)[:, 1:]."""
         B = x.shape[0]
         # Eq (Lec11 embedding): x = x_p W_e, then add the position embeddings
-        tokens = torch.cat([self.cls_token.expand(B, -1, -1), self.patch_embed(x)], dim=1)  # (B, N+1, D)
+        tokens = torch.cat([self.cls_token.expand(B, -1, -1), self.patch_embed(self.input_norm(x))], dim=1)  # (B, N+1, D)
         tokens = self.ln_pre(tokens + self.pos_embed)
         for block in self.blocks[:depth]:
             tokens = block(tokens)
@@ -405,8 +445,9 @@ class CLIP(nn.Module):
 
 
 def build_model(cfg, in_channels=3):
+    cfg = resolve_auto_fields(cfg)
     image_encoder = ImageEncoder(cfg.image_size, cfg.patch_size, in_channels, cfg.dim, cfg.depth, cfg.num_heads,
-                                 cfg.mlp_ratio, cfg.embed_dim)
+                                 cfg.mlp_ratio, cfg.embed_dim, cfg.patch_bias, cfg.act, cfg.input_norm)
     text_encoder = TextEncoder(cfg.context_length, cfg.text_dim, cfg.text_depth, cfg.text_heads, cfg.mlp_ratio,
                                cfg.embed_dim)
     return CLIP(image_encoder, text_encoder)
@@ -529,6 +570,202 @@ def retrieval_recall(image_emb, text_emb, relevant, ks=(1, 5)):
             top = scores.topk(min(k, scores.shape[1]), dim=1).indices  # (Q, k)
             result[f"{name}_R@{k}"] = hits.gather(1, top).any(dim=1).float().mean().item()
     return result
+
+
+# ----------------------------------------------------------------------------------------------
+# Published weights: OpenAI CLIP's image tower
+# ----------------------------------------------------------------------------------------------
+# OpenAI's ViT towers (and open_clip's, which keep their names) hold the image tower under visual.*:
+# conv1 (no bias), class_embedding, positional_embedding (class row first), ln_pre, transformer.
+# resblocks.{i} (ln_1, attn.in_proj_weight = [W_q; W_k; W_v], attn.out_proj, ln_2, mlp.c_fc,
+# mlp.c_proj), ln_post, proj (D, E), used as x @ proj. Their MLPs use QuickGELU, their LayerNorm eps
+# is PyTorch's 1e-5, their pixels are normalised by CLIP's mean and std. The text tower is not
+# loaded: it reads BPE tokens, and clip.py's reads bytes.
+
+OPENAI_BLOCK_NAMES = {"ln_1.": "norm1.", "attn.in_proj_weight": "attn.qkv.weight", "attn.in_proj_bias": "attn.qkv.bias",
+                      "attn.out_proj.": "attn.proj.", "ln_2.": "norm2.", "mlp.c_fc.": "mlp.fc1.", "mlp.c_proj.": "mlp.fc2."}
+
+
+# Copied from vit.read_state_dict
+def read_state_dict(path, flag="--init"):
+    """(state dict, the project checkpoint's config or None) from a .safetensors file (read here, no
+    package needed; little-endian, as every machine torch runs on), a torch file (.pth, .bin, .pt:
+    torch.load with weights_only=True, so that no code in it runs), a TorchScript archive (OpenAI's
+    CLIP releases: only its tensors are read), or a checkpoint of this project."""
+    if not os.path.isfile(path):
+        raise InputError(f"{flag} {path}: no such file")
+    if path.endswith(".safetensors"):
+        # The format: an 8-byte little-endian header size n, n bytes of JSON {name: {dtype, shape,
+        # data_offsets: [begin, end)} (offsets into the bytes after the header), then the data.
+        dtypes = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                  "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                  "U8": torch.uint8, "BOOL": torch.bool}
+        try:
+            with open(path, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                header, data = json.loads(f.read(n)), bytearray(f.read())
+            header.pop("__metadata__", None)
+            sd = {}
+            for name, info in header.items():
+                begin, end = info["data_offsets"]
+                flat = torch.frombuffer(data, dtype=dtypes[info["dtype"]], count=math.prod(info["shape"]), offset=begin) \
+                    if end > begin else torch.empty(0, dtype=dtypes[info["dtype"]])
+                sd[name] = flat.reshape(info["shape"]).clone()
+        except Exception as e:
+            raise InputError(f"{flag} {path}: not a readable .safetensors file ({type(e).__name__}: {e})") from None
+        return sd, None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        try:  # OpenAI's CLIP files are TorchScript archives: their weights are read, their code never run
+            obj = torch.jit.load(path, map_location="cpu").state_dict()
+        except Exception:
+            raise InputError(f"{flag} {path}: not a readable weights file ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:200]})") from None
+    saved = obj.get("config") if isinstance(obj, dict) and "model_name" in obj else None
+    for key in ("state_dict", "model"):  # training checkpoints wrap the weights
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not obj or not all(torch.is_tensor(v) for v in obj.values()):
+        raise InputError(f"{flag} {path}: expected a state dict (names -> tensors)")
+    return {k.removeprefix("module."): v for k, v in obj.items()}, saved
+
+
+# Copied from vit.resize_pos_embed
+def resize_pos_embed(pos_embed, old_grid, new_grid, num_prefix_tokens=0):
+    """Bicubic resize (antialiased when shrinking, as timm does) of learned position embeddings
+    (1, [prefix +] gh*gw, D) to another patch grid; the rows of prefix tokens (a class token's) are
+    kept as they are."""
+    D = pos_embed.shape[-1]
+    prefix, pos_embed = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
+    grid = pos_embed.reshape(1, old_grid[0], old_grid[1], D).permute(0, 3, 1, 2)  # (1, D, gh, gw)
+    grid = F.interpolate(grid, size=new_grid, mode="bicubic", align_corners=False, antialias=True)
+    return torch.cat([prefix, grid.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], D)], dim=1)  # (1, [1 +] N', D)
+
+
+def openai_visual_config(sd, num_heads=0):
+    """The Config fields that an OpenAI-layout image tower fixes, read off its tensor shapes."""
+    if any(k.startswith("visual.layer1.") for k in sd):
+        raise InputError("--init: a ResNet image tower (CLIP RN50 and kin); clip.py loads ViT towers only")
+    need = ("visual.conv1.weight", "visual.class_embedding", "visual.positional_embedding", "visual.ln_pre.weight",
+            "visual.transformer.resblocks.0.attn.in_proj_weight", "visual.transformer.resblocks.0.mlp.c_fc.weight",
+            "visual.ln_post.weight", "visual.proj")
+    missing = [k for k in need if k not in sd]
+    if missing:
+        raise InputError(f"--init: not an image tower in OpenAI CLIP's layout (no {', '.join(missing[:3])}; "
+                         f"it has {', '.join(list(sd)[:4])}, ...)")
+    D, C, P, P2 = sd["visual.conv1.weight"].shape
+    n_pos = sd["visual.positional_embedding"].shape[0] - 1
+    heads = num_heads or D // 64
+    if P != P2 or math.isqrt(n_pos) ** 2 != n_pos or heads < 1 or D % heads:
+        raise InputError(f"--init: width {D}, {heads} heads, patch {P}x{P2}, {n_pos} patch positions: not a square "
+                         f"ViT tower, or pass --init_heads with its number of heads")
+    blocks = [k for k in sd if k.startswith("visual.transformer.resblocks.")]
+    return dict(patch_size=P, dim=D, num_heads=heads, patch_bias="visual.conv1.bias" in sd,
+                depth=1 + max(int(k.split(".")[3]) for k in blocks), embed_dim=sd["visual.proj"].shape[1],
+                mlp_ratio=sd["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0] / D)
+
+
+def resolve_auto_fields(cfg):
+    """The 'auto' defaults made concrete: OpenAI's conventions with --init, the project's without."""
+    return dataclasses.replace(
+        cfg, act=cfg.act if cfg.act != "auto" else ("quick_gelu" if cfg.init else "gelu"),
+        input_norm=cfg.input_norm if cfg.input_norm != "auto" else ("clip" if cfg.init else "unit"))
+
+
+def init_config(cfg):
+    """With --init: the config with the tower of the weights, auto fields resolved; returns
+    (cfg, state dict or None)."""
+    if not cfg.init or (cfg.eval_only and cfg.resume):
+        return resolve_auto_fields(cfg), None
+    sd, _ = read_state_dict(cfg.init)
+    return resolve_auto_fields(dataclasses.replace(cfg, **openai_visual_config(sd, cfg.init_heads))), sd
+
+
+def openai_visual_to_ours(sd):
+    """{our ImageEncoder name: tensor} from the visual.* tensors of an OpenAI-layout state dict, and
+    the visual.* names that have no place in it."""
+    out, unused = {}, []
+    for key, value in sd.items():
+        name = key.removeprefix("visual.")
+        if name == key:
+            continue  # the text tower and logit_scale: not this loader's
+        if name.startswith("conv1."):
+            out["patch_embed.proj." + name[len("conv1."):]] = value
+        elif name == "class_embedding":
+            out["cls_token"] = value.reshape(1, 1, -1)
+        elif name == "positional_embedding":
+            out["pos_embed"] = value.unsqueeze(0)
+        elif name == "proj":
+            out["proj.weight"] = value.T  # x @ proj == Linear with weight proj^T
+        elif name.startswith(("ln_pre.", "ln_post.")):
+            out[name] = value
+        elif name.startswith("transformer.resblocks."):
+            i, rest = name[len("transformer.resblocks."):].split(".", 1)
+            ours = next((new + rest[len(old):] for old, new in OPENAI_BLOCK_NAMES.items() if rest.startswith(old)), None)
+            if ours is None:
+                unused.append(key)
+            else:
+                out[f"blocks.{i}.{ours}"] = value
+        else:
+            unused.append(key)
+    return out, unused
+
+
+def load_openai_visual(encoder, sd):
+    """Load the image tower of an OpenAI-layout state dict into `encoder` (an ImageEncoder), position
+    embeddings resized to its grid. Every visual.* tensor must be used and every parameter set, or one
+    error says which; returns how many other tensors (the text tower's) were left out."""
+    mapped, unused = openai_visual_to_ours(sd)
+    own = encoder.state_dict()
+    pos = mapped.get("pos_embed")
+    if pos is not None and pos.shape != own["pos_embed"].shape and pos.shape[-1] == own["pos_embed"].shape[-1]:
+        side = math.isqrt(pos.shape[1] - 1)
+        mapped["pos_embed"] = resize_pos_embed(pos.float(), (side, side), encoder.grid, num_prefix_tokens=1)
+    unused += [f"visual.{k}" for k in mapped if k not in own]
+    unset = [k for k in own if k not in mapped]
+    misshapen = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in mapped.items()
+                 if k in own and v.shape != own[k].shape]
+    if unused or unset or misshapen:
+        parts = [f"{what}: {', '.join(keys[:6])}{' ...' if len(keys) > 6 else ''}" for what, keys in
+                 (("tensors clip.py's image encoder has no place for", unused), ("parameters the file does not set", unset),
+                  ("shapes that differ (file vs model)", misshapen)) if keys]
+        raise InputError("--init: the weights do not fit the image encoder; " + "; ".join(parts))
+    encoder.load_state_dict({k: v.to(own[k].dtype) for k, v in mapped.items()})
+    return sum(not k.startswith("visual.") for k in sd)
+
+
+def openai_visual_state_dict(encoder):
+    """The inverse map: an ImageEncoder's weights as OpenAI's visual.* tensors."""
+    back = {new: old for old, new in OPENAI_BLOCK_NAMES.items()}
+    out = {}
+    for name, value in encoder.state_dict().items():
+        value = value.detach().clone()
+        if name.startswith("patch_embed.proj."):
+            out["visual.conv1." + name[len("patch_embed.proj."):]] = value
+        elif name == "cls_token":
+            out["visual.class_embedding"] = value.reshape(-1)
+        elif name == "pos_embed":
+            out["visual.positional_embedding"] = value[0]
+        elif name == "proj.weight":
+            out["visual.proj"] = value.T.contiguous()
+        elif name.startswith("blocks."):
+            _, i, rest = name.split(".", 2)
+            old = next(old + rest[len(new):] for new, old in back.items() if rest.startswith(new))
+            out[f"visual.transformer.resblocks.{i}.{old}"] = value
+        else:
+            out["visual." + name] = value
+    return out
+
+
+@torch.no_grad()
+def centroid_accuracy(train_emb, train_labels, test_emb, test_labels):
+    """Accuracy of the nearest class mean (cosine) of unit-norm embeddings: what an image tower's
+    features tell apart with no text tower and no training."""
+    classes = np.unique(train_labels)
+    means = torch.stack([train_emb[torch.as_tensor(train_labels == c)].mean(dim=0) for c in classes])
+    predicted = classes[(test_emb @ F.normalize(means, dim=-1).T).argmax(dim=1).numpy()]
+    return float((predicted == test_labels).mean())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -665,6 +902,24 @@ def evaluate(model, data, cfg, rt, tokenizer, write_files=True):
     return metrics
 
 
+def evaluate_init_tower(cfg, data, sd, rt):
+    """An --init image tower on --data, on its own terms: no text tower can load (see the loader), so
+    the measure is how well its embeddings separate the classes, by the nearest class mean."""
+    encoder = build_model(cfg, data["channels"]).image_encoder.to(rt.device)
+    load_openai_visual(encoder, sd)
+    encoder.eval()
+    emb = {}
+    with torch.no_grad(), rt.autocast():
+        for split in ("train", "test"):
+            images = data[split]["images"]
+            emb[split] = torch.cat([F.normalize(encoder(images_to_tensor(images[lo:lo + 250]).to(rt.device)).float(), dim=-1).cpu()
+                                    for lo in range(0, len(images), 250)])
+    accuracy = centroid_accuracy(emb["train"], data["train"]["labels"], emb["test"], data["test"]["labels"])
+    print(f"clip: --init {cfg.init}: nearest-class-mean accuracy of its image embeddings {accuracy:.4f} "
+          f"({len(data['test']['labels'])} test images, class means from {len(data['train']['labels'])} training images)")
+    return {"init_centroid_accuracy": accuracy, "test_size": int(len(data["test"]["labels"]))}
+
+
 # ----------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------
@@ -682,7 +937,18 @@ def validate_config(cfg, data):
         raise InputError(f"--zero_shot {cfg.zero_shot}: expected mean or softmax_sum")
     if cfg.context_length < 3:
         raise InputError(f"--context_length {cfg.context_length}: needs room for BOS, one byte and EOS (3 or more)")
+    if cfg.act not in ("auto", "gelu", "quick_gelu"):
+        raise InputError(f"--act {cfg.act}: expected auto, gelu or quick_gelu")
+    if cfg.input_norm not in ("auto", "unit", *InputNorm.STATS):
+        raise InputError(f"--input_norm {cfg.input_norm}: expected auto, unit, {' or '.join(InputNorm.STATS)}")
     if data is not None:
+        if cfg.input_norm != "unit" and data["channels"] != 3:
+            raise InputError(f"--input_norm {cfg.input_norm} needs RGB images; --data {cfg.data} has "
+                             f"{data['channels']} channel (tools/to_npz.py --rgb converts it)")
+        if cfg.eval_only and cfg.init and not cfg.resume:
+            if "labels" not in data["train"]:
+                raise InputError(f"--data {cfg.data}: evaluating an --init tower's features needs a 'labels' array")
+            return
         if "captions" not in data["train"]:
             raise InputError(f"--data {cfg.data}: CLIP trains on image-caption pairs; "
                              f"the .npz needs a 'captions' array")
@@ -694,6 +960,7 @@ def validate_config(cfg, data):
 def train(cfg):
     """Train (or, with --eval_only, evaluate) and return the final metrics."""
     t_start = time.time()
+    cfg, init_sd = init_config(cfg)
     ckpt = None
     if cfg.resume:
         ckpt = load_checkpoint(cfg.resume, MODEL_NAME)
@@ -705,6 +972,8 @@ def train(cfg):
         data = load_data(cfg.data, cfg.image_size, cfg.n_train, cfg.n_test, cfg.seed)
         validate_config(cfg, data)
         tokenizer = ByteTokenizer()
+        if cfg.eval_only and ckpt is None and init_sd is not None:
+            return finish_run(cfg, rt, evaluate_init_tower(cfg, data, init_sd, rt) if rt.master else {}, t_start)
         train_ids = tokenize(tokenizer, data["train"]["captions"], cfg.context_length)
         if data.get("class_names") is not None:
             for ensemble in (False, True):  # a prompt too long for the context fails here, not after training
@@ -713,10 +982,15 @@ def train(cfg):
         model = build_model(cfg, data["channels"]).to(rt.device)
         if cfg.eval_only:
             if ckpt is None:
-                raise InputError("--eval_only 1 needs --resume path/to/ckpt.pt")
+                raise InputError("--eval_only 1 needs --resume path/to/ckpt.pt (or --init: a tower's features)")
             model.load_state_dict(ckpt["model"])
             metrics = evaluate(model, data, cfg, rt, tokenizer) if rt.master else {}
             return finish_run(cfg, rt, metrics, t_start)
+        if ckpt is None and init_sd is not None:
+            left_out = load_openai_visual(model.image_encoder, init_sd)
+            if rt.master:
+                print(f"clip: image encoder from --init {cfg.init} ({left_out} tensors outside visual.*, the text "
+                      f"tower's, not loaded: clip.py's text encoder reads bytes, OpenAI's BPE tokens)")
         optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, rt)
         start = 0
         if ckpt is not None:

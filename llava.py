@@ -206,15 +206,18 @@ class Attention(nn.Module):
 
 # Copied from vit.MLP
 class MLP(nn.Module):
-    """Position-wise feed-forward network: Linear -> GELU -> Linear."""
+    """Position-wise feed-forward network: Linear -> GELU -> Linear. act='quick_gelu' is OpenAI
+    CLIP's approximation x * sigmoid(1.702 x), which its released weights were trained with."""
 
-    def __init__(self, dim, hidden):
+    def __init__(self, dim, hidden, act="gelu"):
         super().__init__()
+        self.quick_gelu = act == "quick_gelu"
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x)))
+        h = self.fc1(x)
+        return self.fc2(h * torch.sigmoid(1.702 * h) if self.quick_gelu else F.gelu(h))
 
 # Copied from vit.DropPath
 class DropPath(nn.Module):
@@ -234,12 +237,12 @@ class DropPath(nn.Module):
 class Block(nn.Module):
     """Pre-norm Transformer block: x + Attn(LN(x)), then x + MLP(LN(x))."""
 
-    def __init__(self, dim, num_heads, mlp_ratio=4.0, drop_path=0.0):
+    def __init__(self, dim, num_heads, mlp_ratio=4.0, drop_path=0.0, norm_eps=1e-5, act="gelu"):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
         self.attn = Attention(dim, num_heads)
-        self.norm2 = nn.LayerNorm(dim)
-        self.mlp = MLP(dim, int(dim * mlp_ratio))
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = MLP(dim, round(dim * mlp_ratio), act)
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x, mask=None, return_attn=False):
@@ -253,13 +256,33 @@ class Block(nn.Module):
 class PatchEmbed(nn.Module):
     """x = x_p W_e + b as a convolution with kernel = stride = P (same weights, one fused op)."""
 
-    def __init__(self, patch_size, in_channels, dim):
+    def __init__(self, patch_size, in_channels, dim, bias=True):
         super().__init__()
         self.patch_size = patch_size
-        self.proj = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
+        self.proj = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size, bias=bias)
 
     def forward(self, x):
         return self.proj(x).flatten(2).transpose(1, 2)  # (B, D, H/P, W/P) -> (B, N, D)
+
+# Copied from vit.InputNorm
+class InputNorm(nn.Module):
+    """The project's pixels x in [-1, 1] mapped to the convention that published weights were
+    trained with: (p - mean) / std per channel on p = (x + 1) / 2 in [0, 1]; 'unit' keeps x."""
+
+    STATS = {"imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # timm's default for ImageNet ViTs
+             "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))}  # OpenAI CLIP
+
+    def __init__(self, kind="unit"):
+        super().__init__()
+        self.kind = kind
+        if kind != "unit":
+            mean, std = self.STATS[kind]
+            self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+            self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, x):
+        return x if self.kind == "unit" else ((x + 1) / 2 - self.mean) / self.std
+
 
 # Copied from clip.ByteTokenizer
 class ByteTokenizer:
@@ -316,15 +339,17 @@ class ByteTokenizer:
 class ImageEncoder(nn.Module):
     """f_I: a ViT in CLIP's layout: [class token] + patches + positions, LN, blocks, LN, projection."""
 
-    def __init__(self, image_size, patch_size, in_channels, dim, depth, num_heads, mlp_ratio, embed_dim):
+    def __init__(self, image_size, patch_size, in_channels, dim, depth, num_heads, mlp_ratio, embed_dim,
+                 patch_bias=True, act="gelu", input_norm="unit"):
         super().__init__()
-        num_patches = (image_size // patch_size) ** 2
-        self.patch_embed = PatchEmbed(patch_size, in_channels, dim)
+        self.grid = (image_size // patch_size, image_size // patch_size)
+        self.input_norm = InputNorm(input_norm)
+        self.patch_embed = PatchEmbed(patch_size, in_channels, dim, patch_bias)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.pos_embed = nn.Parameter(torch.randn(1, num_patches + 1, dim) * 0.02)
+        self.pos_embed = nn.Parameter(torch.randn(1, self.grid[0] * self.grid[1] + 1, dim) * 0.02)
         # CLIP's one change to the ViT trunk: a LayerNorm before the blocks as well as after them.
         self.ln_pre = nn.LayerNorm(dim)
-        self.blocks = nn.ModuleList(Block(dim, num_heads, mlp_ratio) for _ in range(depth))
+        self.blocks = nn.ModuleList(Block(dim, num_heads, mlp_ratio, act=act) for _ in range(depth))
         self.ln_post = nn.LayerNorm(dim)
         self.proj = nn.Linear(dim, embed_dim, bias=False)
 
@@ -333,7 +358,7 @@ class ImageEncoder(nn.Module):
         LLaVA reads the patch tokens of the penultimate block: tokens(x, -1)[:, 1:]."""
         B = x.shape[0]
         # Eq (Lec11 embedding): x = x_p W_e, then add the position embeddings
-        tokens = torch.cat([self.cls_token.expand(B, -1, -1), self.patch_embed(x)], dim=1)  # (B, N+1, D)
+        tokens = torch.cat([self.cls_token.expand(B, -1, -1), self.patch_embed(self.input_norm(x))], dim=1)  # (B, N+1, D)
         tokens = self.ln_pre(tokens + self.pos_embed)
         for block in self.blocks[:depth]:
             tokens = block(tokens)

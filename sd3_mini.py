@@ -229,15 +229,18 @@ class Attention(nn.Module):
 
 # Copied from vit.MLP
 class MLP(nn.Module):
-    """Position-wise feed-forward network: Linear -> GELU -> Linear."""
+    """Position-wise feed-forward network: Linear -> GELU -> Linear. act='quick_gelu' is OpenAI
+    CLIP's approximation x * sigmoid(1.702 x), which its released weights were trained with."""
 
-    def __init__(self, dim, hidden):
+    def __init__(self, dim, hidden, act="gelu"):
         super().__init__()
+        self.quick_gelu = act == "quick_gelu"
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x)))
+        h = self.fc1(x)
+        return self.fc2(h * torch.sigmoid(1.702 * h) if self.quick_gelu else F.gelu(h))
 
 
 # Copied from vit.DropPath
@@ -259,12 +262,12 @@ class DropPath(nn.Module):
 class Block(nn.Module):
     """Pre-norm Transformer block: x + Attn(LN(x)), then x + MLP(LN(x))."""
 
-    def __init__(self, dim, num_heads, mlp_ratio=4.0, drop_path=0.0):
+    def __init__(self, dim, num_heads, mlp_ratio=4.0, drop_path=0.0, norm_eps=1e-5, act="gelu"):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
         self.attn = Attention(dim, num_heads)
-        self.norm2 = nn.LayerNorm(dim)
-        self.mlp = MLP(dim, int(dim * mlp_ratio))
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = MLP(dim, round(dim * mlp_ratio), act)
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x, mask=None, return_attn=False):

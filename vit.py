@@ -31,7 +31,15 @@ Commands:
     python vit.py --preset gpu                      # one GPU: bf16 autocast and torch.compile
     torchrun --standalone --nproc_per_node=4 vit.py --preset gpu     # DDP; --batch_size is global
     python vit.py --eval_only 1 --resume out/vit/ckpt.pt             # evaluate a checkpoint
-    python vit.py --data digits.npz --image_size 8 --patch_size 2    # train on real images
+    python tools/to_npz.py digits --out digits.npz                   # real images (tools/to_npz.py: MNIST, CIFAR, folders)
+    python vit.py --data digits.npz --image_size 8 --patch_size 2    # train on them
+    python vit.py --init vit_tiny.pth --eval_only 1 --data val224.npz --image_size 224  # a timm checkpoint, as it is
+    python vit.py --init vit_tiny.pth --data cifar10.npz --image_size 32                # fine-tuned (new head, positions resized)
+
+Published weights (--init, read_state_dict / timm_vit_config / load_timm_weights): a state dict in
+timm's VisionTransformer layout (.pth, .bin or .safetensors) sets the architecture from its tensor
+shapes; what they do not record comes from timm's conventions or a flag (--init_heads, --input_norm,
+--act, --norm_eps). Checked against timm's own models: identical logits (README).
 """
 
 from __future__ import annotations
@@ -71,6 +79,15 @@ class Config:
     mlp_ratio: float = 2.0  # hidden width of the MLP as a multiple of D
     pool: str = "cls"  # how the image is summarised for the head: cls (class token) or mean
     drop_path: float = 0.0  # stochastic depth rate at the last block (linear from 0 at the first)
+    pos_embed_cls: bool = False  # the class token has a position embedding too (timm's and CLIP's layout)
+    patch_bias: bool = True  # a bias on the patch embedding (CLIP's ViTs have none)
+    norm_pre: bool = False  # a LayerNorm before the first block (CLIP's ViTs and timm's *_clip_* models)
+    norm_eps: float = 0.0  # LayerNorm epsilon; 0: timm's 1e-6 with --init (1e-5 for its CLIP ViTs), else 1e-5
+    act: str = "gelu"  # MLP activation: gelu, or quick_gelu (x * sigmoid(1.702 x), OpenAI CLIP's weights)
+    input_norm: str = "auto"  # pixels the model sees: unit ([-1, 1]), imagenet or clip mean/std; auto: imagenet with --init (clip for timm's CLIP ViTs), else unit
+    # published weights
+    init: str = ""  # a ViT state dict in timm's layout (.pth, .bin, .safetensors) to start from; its shapes set the architecture
+    init_heads: int = 0  # attention heads of the --init weights, which their tensors do not record (0: width / 64)
     # method
     label_smoothing: float = 0.0  # cross-entropy label smoothing
     # data
@@ -97,13 +114,13 @@ class Config:
     ckpt_every: int = 200  # steps between checkpoints (one is always written at the end)
     resume: str = ""  # checkpoint to resume training from, or to evaluate with --eval_only 1
     stop_step: int = 0  # end this run at this step although the schedule spans max_steps (0: off)
-    eval_only: bool = False  # with --resume: only evaluate the checkpoint and write the grid
+    eval_only: bool = False  # with --resume (or --init): only evaluate the weights and write the grid
 
 
 # The accepted range of each numeric field, checked before any work (check_config). A field not
 # listed is an integer >= 1 or a finite float > 0.
-RANGES = {"drop_path": "[0, 1)", "label_smoothing": "[0, 1)", "min_lr": ">= 0", "warmup_steps": ">= 0",
-          "weight_decay": ">= 0", "grad_clip": ">= 0", "seed": ">= 0", "eval_every": ">= 0", "stop_step": ">= 0"}
+RANGES = {"drop_path": "[0, 1)", "norm_eps": ">= 0", "init_heads": ">= 0", "label_smoothing": "[0, 1)",
+          "min_lr": ">= 0", "warmup_steps": ">= 0", "weight_decay": ">= 0", "grad_clip": ">= 0", "seed": ">= 0", "eval_every": ">= 0", "stop_step": ">= 0"}
 
 # Fields that may change when a run is resumed (any other difference is an error), and that
 # --eval_only takes from the command line rather than from the checkpoint.
@@ -158,15 +175,18 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """Position-wise feed-forward network: Linear -> GELU -> Linear."""
+    """Position-wise feed-forward network: Linear -> GELU -> Linear. act='quick_gelu' is OpenAI
+    CLIP's approximation x * sigmoid(1.702 x), which its released weights were trained with."""
 
-    def __init__(self, dim, hidden):
+    def __init__(self, dim, hidden, act="gelu"):
         super().__init__()
+        self.quick_gelu = act == "quick_gelu"
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x)))
+        h = self.fc1(x)
+        return self.fc2(h * torch.sigmoid(1.702 * h) if self.quick_gelu else F.gelu(h))
 
 
 class DropPath(nn.Module):
@@ -186,12 +206,12 @@ class DropPath(nn.Module):
 class Block(nn.Module):
     """Pre-norm Transformer block: x + Attn(LN(x)), then x + MLP(LN(x))."""
 
-    def __init__(self, dim, num_heads, mlp_ratio=4.0, drop_path=0.0):
+    def __init__(self, dim, num_heads, mlp_ratio=4.0, drop_path=0.0, norm_eps=1e-5, act="gelu"):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
         self.attn = Attention(dim, num_heads)
-        self.norm2 = nn.LayerNorm(dim)
-        self.mlp = MLP(dim, int(dim * mlp_ratio))
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = MLP(dim, round(dim * mlp_ratio), act)
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x, mask=None, return_attn=False):
@@ -205,13 +225,32 @@ class Block(nn.Module):
 class PatchEmbed(nn.Module):
     """x = x_p W_e + b as a convolution with kernel = stride = P (same weights, one fused op)."""
 
-    def __init__(self, patch_size, in_channels, dim):
+    def __init__(self, patch_size, in_channels, dim, bias=True):
         super().__init__()
         self.patch_size = patch_size
-        self.proj = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
+        self.proj = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size, bias=bias)
 
     def forward(self, x):
         return self.proj(x).flatten(2).transpose(1, 2)  # (B, D, H/P, W/P) -> (B, N, D)
+
+
+class InputNorm(nn.Module):
+    """The project's pixels x in [-1, 1] mapped to the convention that published weights were
+    trained with: (p - mean) / std per channel on p = (x + 1) / 2 in [0, 1]; 'unit' keeps x."""
+
+    STATS = {"imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # timm's default for ImageNet ViTs
+             "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))}  # OpenAI CLIP
+
+    def __init__(self, kind="unit"):
+        super().__init__()
+        self.kind = kind
+        if kind != "unit":
+            mean, std = self.STATS[kind]
+            self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+            self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, x):
+        return x if self.kind == "unit" else ((x + 1) / 2 - self.mean) / self.std
 
 
 # ----------------------------------------------------------------------------------------------
@@ -219,19 +258,26 @@ class PatchEmbed(nn.Module):
 # ----------------------------------------------------------------------------------------------
 
 class ViT(nn.Module):
-    """Patch embedding + learned positions + [class token] + pre-norm blocks + LayerNorm + head."""
+    """[Input norm] + patch embedding + learned positions + [class token] + pre-norm blocks + LayerNorm + head.
+
+    pos_embed_cls gives the class token a position embedding too (timm's and CLIP's layout: the
+    table holds 1 + N rows, class first); norm_pre adds CLIP's LayerNorm before the first block."""
 
     def __init__(self, image_size, patch_size, in_channels, dim, depth, num_heads, mlp_ratio,
-                 num_classes, pool="cls", drop_path=0.0):
+                 num_classes, pool="cls", drop_path=0.0, pos_embed_cls=False, patch_bias=True, norm_pre=False,
+                 norm_eps=1e-5, act="gelu", input_norm="unit"):
         super().__init__()
         self.patch_size, self.pool = patch_size, pool
         self.grid = (image_size // patch_size, image_size // patch_size)
-        self.patch_embed = PatchEmbed(patch_size, in_channels, dim)
-        self.pos_embed = nn.Parameter(torch.randn(1, self.grid[0] * self.grid[1], dim) * 0.02)
+        self.num_pos_prefix = int(pos_embed_cls)  # class-token rows at the head of pos_embed
+        self.input_norm = InputNorm(input_norm)
+        self.patch_embed = PatchEmbed(patch_size, in_channels, dim, patch_bias)
+        self.pos_embed = nn.Parameter(torch.randn(1, self.num_pos_prefix + self.grid[0] * self.grid[1], dim) * 0.02)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if pool == "cls" else None
+        self.norm_pre = nn.LayerNorm(dim, eps=norm_eps) if norm_pre else nn.Identity()
         rates = [drop_path * i / max(depth - 1, 1) for i in range(depth)]
-        self.blocks = nn.ModuleList(Block(dim, num_heads, mlp_ratio, r) for r in rates)
-        self.norm = nn.LayerNorm(dim)
+        self.blocks = nn.ModuleList(Block(dim, num_heads, mlp_ratio, r, norm_eps, act) for r in rates)
+        self.norm = nn.LayerNorm(dim, eps=norm_eps)
         self.head = nn.Linear(dim, num_classes)
         self.apply(self._init_weights)
 
@@ -245,11 +291,17 @@ class ViT(nn.Module):
         """Image (B, C, H, W) -> normalised tokens (B, T, D) [and per-block attention weights]."""
         B, C, H, W = x.shape
         grid = (H // self.patch_size, W // self.patch_size)
-        pos = self.pos_embed if grid == self.grid else resize_pos_embed(self.pos_embed, self.grid, grid)
+        pos = self.pos_embed if grid == self.grid else resize_pos_embed(self.pos_embed, self.grid, grid,
+                                                                        self.num_pos_prefix)
         # Eq (Lec11 embedding): x = x_p W_e, then add the position embeddings
-        tokens = self.patch_embed(x) + pos  # (B, N, D)
+        tokens = self.patch_embed(self.input_norm(x))  # (B, N, D)
+        if self.num_pos_prefix == 0:
+            tokens = tokens + pos
         if self.cls_token is not None:
             tokens = torch.cat([self.cls_token.expand(B, -1, -1), tokens], dim=1)  # (B, N+1, D)
+        if self.num_pos_prefix:
+            tokens = tokens + pos
+        tokens = self.norm_pre(tokens)
         attns = []
         for block in self.blocks:
             tokens = block(tokens, return_attn=return_attn)
@@ -268,16 +320,19 @@ class ViT(nn.Module):
 
     def flops_per_image(self):
         """Training FLOPs per image (forward + backward): 6 per matmul weight per token + attention."""
-        T = self.pos_embed.shape[1] + (self.cls_token is not None)
+        N = self.grid[0] * self.grid[1]
+        T = N + (self.cls_token is not None)
         D, L = self.pos_embed.shape[2], len(self.blocks)
         matmul_params = sum(p.numel() for n, p in self.named_parameters() if p.dim() >= 2 and "embed" not in n)
         patch_params = self.patch_embed.proj.weight.numel()
-        return 6 * matmul_params * T + 6 * patch_params * (T - (self.cls_token is not None)) + 12 * L * T * T * D
+        return 6 * matmul_params * T + 6 * patch_params * N + 12 * L * T * T * D
 
 
 def build_model(cfg, num_classes, in_channels=3):
+    cfg = resolve_auto_fields(cfg)
     return ViT(cfg.image_size, cfg.patch_size, in_channels, cfg.dim, cfg.depth, cfg.num_heads,
-               cfg.mlp_ratio, num_classes, cfg.pool, cfg.drop_path)
+               cfg.mlp_ratio, num_classes, cfg.pool, cfg.drop_path, cfg.pos_embed_cls, cfg.patch_bias,
+               cfg.norm_pre, cfg.norm_eps, cfg.act, cfg.input_norm)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -308,12 +363,15 @@ def patch_embedding_matrix(conv):
     return conv.weight.permute(0, 2, 3, 1).reshape(D, -1).T  # (D, C, P, P) -> (P*P*C, D)
 
 
-def resize_pos_embed(pos_embed, old_grid, new_grid):
-    """Bicubic resize of learned position embeddings (1, gh*gw, D) to another patch grid."""
+def resize_pos_embed(pos_embed, old_grid, new_grid, num_prefix_tokens=0):
+    """Bicubic resize (antialiased when shrinking, as timm does) of learned position embeddings
+    (1, [prefix +] gh*gw, D) to another patch grid; the rows of prefix tokens (a class token's) are
+    kept as they are."""
     D = pos_embed.shape[-1]
+    prefix, pos_embed = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
     grid = pos_embed.reshape(1, old_grid[0], old_grid[1], D).permute(0, 3, 1, 2)  # (1, D, gh, gw)
-    grid = F.interpolate(grid, size=new_grid, mode="bicubic", align_corners=False)
-    return grid.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], D)  # (1, N', D)
+    grid = F.interpolate(grid, size=new_grid, mode="bicubic", align_corners=False, antialias=True)
+    return torch.cat([prefix, grid.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], D)], dim=1)  # (1, [1 +] N', D)
 
 
 def classification_loss(logits, labels, label_smoothing=0.0):
@@ -340,6 +398,140 @@ def mean_attention_distance(attn, grid, patch_size, num_prefix_tokens=1, query_m
         return per_query.mean(dim=(0, 2))
     weights = query_mask[:, None, :].float()  # (B, 1, N)
     return (per_query * weights).sum(dim=(0, 2)) / weights.sum(dim=(0, 2)).clamp_min(1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Published weights: timm's layout
+# ----------------------------------------------------------------------------------------------
+# vit.py names its modules as timm's VisionTransformer does (patch_embed.proj, cls_token, pos_embed,
+# blocks.{i}.norm1 / attn.qkv / attn.proj / norm2 / mlp.fc1 / mlp.fc2, norm, head), so a timm state
+# dict loads key for key. What the tensors do not record comes from flags: the heads (--init_heads,
+# else width / 64 as in every timm ViT), the pixel statistics (--input_norm, ImageNet's by default),
+# the activation (--act quick_gelu for timm's *_quickgelu models), LayerNorm eps (timm's 1e-6, and
+# 1e-5 for its CLIP ViTs, the ones with norm_pre).
+
+def read_state_dict(path, flag="--init"):
+    """(state dict, the project checkpoint's config or None) from a .safetensors file (read here, no
+    package needed; little-endian, as every machine torch runs on), a torch file (.pth, .bin, .pt:
+    torch.load with weights_only=True, so that no code in it runs), a TorchScript archive (OpenAI's
+    CLIP releases: only its tensors are read), or a checkpoint of this project."""
+    if not os.path.isfile(path):
+        raise InputError(f"{flag} {path}: no such file")
+    if path.endswith(".safetensors"):
+        # The format: an 8-byte little-endian header size n, n bytes of JSON {name: {dtype, shape,
+        # data_offsets: [begin, end)} (offsets into the bytes after the header), then the data.
+        dtypes = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                  "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                  "U8": torch.uint8, "BOOL": torch.bool}
+        try:
+            with open(path, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                header, data = json.loads(f.read(n)), bytearray(f.read())
+            header.pop("__metadata__", None)
+            sd = {}
+            for name, info in header.items():
+                begin, end = info["data_offsets"]
+                flat = torch.frombuffer(data, dtype=dtypes[info["dtype"]], count=math.prod(info["shape"]), offset=begin) \
+                    if end > begin else torch.empty(0, dtype=dtypes[info["dtype"]])
+                sd[name] = flat.reshape(info["shape"]).clone()
+        except Exception as e:
+            raise InputError(f"{flag} {path}: not a readable .safetensors file ({type(e).__name__}: {e})") from None
+        return sd, None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        try:  # OpenAI's CLIP files are TorchScript archives: their weights are read, their code never run
+            obj = torch.jit.load(path, map_location="cpu").state_dict()
+        except Exception:
+            raise InputError(f"{flag} {path}: not a readable weights file ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:200]})") from None
+    saved = obj.get("config") if isinstance(obj, dict) and "model_name" in obj else None
+    for key in ("state_dict", "model"):  # training checkpoints wrap the weights
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not obj or not all(torch.is_tensor(v) for v in obj.values()):
+        raise InputError(f"{flag} {path}: expected a state dict (names -> tensors)")
+    return {k.removeprefix("module."): v for k, v in obj.items()}, saved
+
+
+def timm_vit_config(sd, num_heads=0):
+    """The Config fields that a timm-layout ViT state dict fixes, read off its tensor shapes."""
+    need = ("patch_embed.proj.weight", "cls_token", "pos_embed", "blocks.0.attn.qkv.weight",
+            "blocks.0.mlp.fc1.weight", "norm.weight")
+    missing = [k for k in need if k not in sd]
+    if missing:
+        raise InputError(f"--init: not a class-token ViT state dict in timm's layout (no {', '.join(missing)}; "
+                         f"it has {', '.join(list(sd)[:4])}, ...)")
+    D, _, P, P2 = sd["patch_embed.proj.weight"].shape
+    L = sd["pos_embed"].shape[1]
+    if math.isqrt(L - 1) ** 2 == L - 1:
+        pos_embed_cls = True  # timm's default: the class token has a position too
+    elif math.isqrt(L) ** 2 == L:
+        pos_embed_cls = False  # no_embed_class=True (and vit.py's own layout)
+    else:
+        raise InputError(f"--init: pos_embed has {L} rows, neither a square grid nor 1 + a square grid")
+    heads = num_heads or D // 64
+    if P != P2 or heads < 1 or D % heads:
+        raise InputError(f"--init: width {D} with {heads} heads and patch {P}x{P2}: pass --init_heads "
+                         f"with the checkpoint's number of heads")
+    return dict(patch_size=P, dim=D, num_heads=heads, pool="cls", pos_embed_cls=pos_embed_cls,
+                depth=1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks.")),
+                mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / D, norm_pre="norm_pre.weight" in sd,
+                patch_bias="patch_embed.proj.bias" in sd)
+
+
+def resolve_auto_fields(cfg):
+    """The 'auto' defaults made concrete: timm's conventions with --init (its ImageNet ViTs: eps 1e-6
+    and ImageNet statistics; its CLIP ViTs, the ones with norm_pre: CLIP's 1e-5 and statistics),
+    the project's without."""
+    timm_imagenet, timm_clip = bool(cfg.init) and not cfg.norm_pre, bool(cfg.init) and cfg.norm_pre
+    auto_norm = "imagenet" if timm_imagenet else "clip" if timm_clip else "unit"
+    return dataclasses.replace(cfg, norm_eps=cfg.norm_eps or (1e-6 if timm_imagenet else 1e-5),
+                               input_norm=auto_norm if cfg.input_norm == "auto" else cfg.input_norm)
+
+
+def init_config(cfg):
+    """With --init: the config with the architecture of the weights (and, for a checkpoint of this
+    project, its conventions), the auto fields resolved; returns (cfg, state dict or None)."""
+    if not cfg.init or (cfg.eval_only and cfg.resume):
+        return resolve_auto_fields(cfg), None
+    sd, saved = read_state_dict(cfg.init)
+    arch = timm_vit_config(sd, cfg.init_heads or (saved or {}).get("num_heads", 0))
+    if saved is not None:  # ours: same names, and the conventions it was trained with
+        arch.update(act=saved.get("act", "gelu"))
+        arch.update(norm_eps=cfg.norm_eps or saved.get("norm_eps", 1e-5),
+                    input_norm=saved.get("input_norm", "unit") if cfg.input_norm == "auto" else cfg.input_norm)
+    return resolve_auto_fields(dataclasses.replace(cfg, **arch)), sd
+
+
+def load_timm_weights(model, sd, keep_head=True):
+    """Load a timm-layout ViT state dict into `model`, position embeddings resized to the model's
+    grid. Every tensor of the file must be used and every parameter set, or one error says which."""
+    sd = dict(sd)
+    for key in ("head.weight", "head.bias") if not keep_head else ():
+        sd.pop(key, None)
+    own = model.state_dict()
+    if "pos_embed" in sd and sd["pos_embed"].shape != own["pos_embed"].shape:
+        prefix = model.num_pos_prefix
+        side = math.isqrt(sd["pos_embed"].shape[1] - prefix)
+        if side * side + prefix == sd["pos_embed"].shape[1]:
+            sd["pos_embed"] = resize_pos_embed(sd["pos_embed"].float(), (side, side), model.grid, prefix)
+    unused = [k for k in sd if k not in own]
+    unset = [k for k in own if k not in sd and not (k.startswith("head.") and not keep_head)]
+    misshapen = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in sd
+                 if k in own and sd[k].shape != own[k].shape]
+    if unused or unset or misshapen:
+        parts = [f"{what}: {', '.join(keys[:6])}{' ...' if len(keys) > 6 else ''}" for what, keys in
+                 (("tensors vit.py's ViT has no place for", unused), ("parameters the file does not set", unset),
+                  ("shapes that differ (file vs model)", misshapen)) if keys]
+        raise InputError("--init: the weights do not fit the model; " + "; ".join(parts))
+    model.load_state_dict({**own, **{k: v.to(own[k].dtype) for k, v in sd.items()}})
+
+
+def timm_state_dict(model):
+    """The model's weights in timm's layout (a file timm's VisionTransformer loads with the same
+    class_token / no_embed_class / pre_norm settings): the names are already timm's."""
+    return {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -425,9 +617,18 @@ def validate_config(cfg, data):
         raise InputError(f"--dim {cfg.dim} is not divisible by --num_heads {cfg.num_heads}")
     if cfg.pool not in ("cls", "mean"):
         raise InputError(f"--pool {cfg.pool}: expected cls or mean")
+    if cfg.pos_embed_cls and cfg.pool != "cls":
+        raise InputError("--pos_embed_cls 1 needs the class token (--pool cls)")
+    if cfg.act not in ("gelu", "quick_gelu"):
+        raise InputError(f"--act {cfg.act}: expected gelu or quick_gelu")
+    if cfg.input_norm not in ("auto", "unit", *InputNorm.STATS):
+        raise InputError(f"--input_norm {cfg.input_norm}: expected auto, unit, {' or '.join(InputNorm.STATS)}")
     if data is not None:
         if "labels" not in data["train"]:
             raise InputError(f"--data {cfg.data}: a classifier needs a 'labels' array")
+        if cfg.input_norm != "unit" and data["channels"] != 3:
+            raise InputError(f"--input_norm {cfg.input_norm} needs RGB images; --data {cfg.data} has "
+                             f"{data['channels']} channel (tools/to_npz.py --rgb converts it)")
         if cfg.batch_size > len(data["train"]["labels"]):
             raise InputError(f"--batch_size {cfg.batch_size} is larger than the {len(data['train']['labels'])} "
                              f"training images; lower it or add data")
@@ -436,6 +637,7 @@ def validate_config(cfg, data):
 def train(cfg):
     """Train (or, with --eval_only, evaluate) and return the final metrics."""
     t_start = time.time()
+    cfg, init_sd = init_config(cfg)
     ckpt = None
     if cfg.resume:
         ckpt = load_checkpoint(cfg.resume, MODEL_NAME)
@@ -448,14 +650,27 @@ def train(cfg):
         validate_config(cfg, data)
         num_classes = len(data["class_names"])
         model = build_model(cfg, num_classes, data["channels"]).to(rt.device)
+        init_classes = init_sd["head.weight"].shape[0] if init_sd is not None and "head.weight" in init_sd else 0
         if cfg.eval_only:
-            if ckpt is None:
-                raise InputError("--eval_only 1 needs --resume path/to/ckpt.pt")
-            model.load_state_dict(ckpt["model"])
+            if ckpt is None and init_sd is None:
+                raise InputError("--eval_only 1 needs --resume path/to/ckpt.pt or --init weights")
+            if ckpt is None and init_classes != num_classes:
+                raise InputError(f"--eval_only 1 --init {cfg.init}: its head has {init_classes} classes and --data "
+                                 f"{cfg.data} has {num_classes}; evaluating needs the same classes")
+            if ckpt is not None:
+                model.load_state_dict(ckpt["model"])
+            else:
+                load_timm_weights(model, init_sd)
             metrics = evaluate(model, data, cfg, rt) if rt.master else {}
             if rt.master:
-                print(f"test accuracy {metrics['test_accuracy']:.4f} of checkpoint {cfg.resume} (step {ckpt['step']})")
+                source = f"checkpoint {cfg.resume} (step {ckpt['step']})" if ckpt is not None else f"--init {cfg.init}"
+                print(f"test accuracy {metrics['test_accuracy']:.4f} of {source}")
             return finish_run(cfg, rt, metrics, t_start)
+        if ckpt is None and init_sd is not None:
+            load_timm_weights(model, init_sd, keep_head=init_classes == num_classes)
+            if rt.master:
+                print(f"vit: weights from --init {cfg.init}" + ("" if init_classes == num_classes else
+                      f"; its {init_classes}-class head replaced by a new one for the {num_classes} classes of the data"))
         optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, rt)
         start = 0
         if ckpt is not None:

@@ -433,15 +433,18 @@ class Autoencoder(nn.Module):
 
 # Copied from vit.MLP
 class MLP(nn.Module):
-    """Position-wise feed-forward network: Linear -> GELU -> Linear."""
+    """Position-wise feed-forward network: Linear -> GELU -> Linear. act='quick_gelu' is OpenAI
+    CLIP's approximation x * sigmoid(1.702 x), which its released weights were trained with."""
 
-    def __init__(self, dim, hidden):
+    def __init__(self, dim, hidden, act="gelu"):
         super().__init__()
+        self.quick_gelu = act == "quick_gelu"
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x)))
+        h = self.fc1(x)
+        return self.fc2(h * torch.sigmoid(1.702 * h) if self.quick_gelu else F.gelu(h))
 
 
 # Copied from pixel_ar.KVCache

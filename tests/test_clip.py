@@ -473,6 +473,130 @@ def test_cli_trains_on_an_npz_of_images_and_captions(tmp_path):
 
 
 ####################################################################################################
+# Published weights: OpenAI CLIP's image tower
+####################################################################################################
+
+TEXT_KEYS = {"token_embedding.weight": torch.zeros(10, 8), "positional_embedding": torch.zeros(7, 8),
+             "ln_final.weight": torch.ones(8), "text_projection": torch.zeros(8, 16), "logit_scale": torch.tensor(4.6)}
+
+
+def random_tower(size=16, patch=4, dim=32, depth=2, heads=2, embed=16, seed=0, **layout):
+    """An image encoder whose every parameter (norms and biases included) is random."""
+    torch.manual_seed(seed)
+    cfg = dataclasses.replace(TINY, image_size=size, patch_size=patch, dim=dim, depth=depth, num_heads=heads,
+                              embed_dim=embed, **layout)
+    encoder = clip.build_model(cfg).image_encoder.eval()
+    with torch.no_grad():
+        for p in encoder.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return encoder
+
+
+def load_tower(path, size=16, **flags):
+    cfg, sd = clip.init_config(dataclasses.replace(TINY, init=str(path), image_size=size, **flags))
+    encoder = clip.build_model(cfg).image_encoder.eval()
+    left_out = clip.load_openai_visual(encoder, sd)
+    return cfg, encoder, left_out
+
+
+@given(patch_bias=st.booleans(), act=st.sampled_from(["gelu", "quick_gelu"]),
+       input_norm=st.sampled_from(["unit", "imagenet", "clip"]), seed=seeds)
+def test_openai_layout_round_trip_gives_identical_embeddings(tmp_path_factory, patch_bias, act, input_norm, seed):
+    encoder = random_tower(seed=seed % 2**16, patch_bias=patch_bias, act=act, input_norm=input_norm)
+    sd = clip.openai_visual_state_dict(encoder)
+    assert "visual.conv1.weight" in sd and sd["visual.proj"].shape == (32, 16)
+    assert sd["visual.transformer.resblocks.1.attn.in_proj_weight"].shape == (96, 32)
+    path = tmp_path_factory.mktemp("w") / "clip.pt"
+    torch.save({**sd, **TEXT_KEYS}, path)
+    cfg, loaded, left_out = load_tower(path, act=act, input_norm=input_norm, init_heads=2)
+    assert (cfg.patch_size, cfg.dim, cfg.depth, cfg.embed_dim, cfg.patch_bias) == (4, 32, 2, 16, patch_bias)
+    assert left_out == len(TEXT_KEYS)  # the text tower's tensors are counted, not loaded
+    x = torch.rand(3, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), encoder(x), rtol=0, atol=0)
+
+
+def test_openai_defaults_are_openais_conventions(tmp_path):
+    """--init alone: QuickGELU, CLIP's pixel statistics, width / 64 heads, no patch bias."""
+    encoder = random_tower(dim=128, heads=2, patch_bias=False, act="quick_gelu", input_norm="clip")
+    torch.save(clip.openai_visual_state_dict(encoder), tmp_path / "w.pt")
+    cfg, loaded, _ = load_tower(tmp_path / "w.pt")
+    assert (cfg.act, cfg.input_norm, cfg.num_heads, cfg.patch_bias) == ("quick_gelu", "clip", 2, False)
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), encoder(x), rtol=0, atol=0)
+
+
+def test_openai_position_resizing_at_load_equals_resizing_after_load(tmp_path):
+    encoder = random_tower(size=16, patch=4)  # a 4x4 grid
+    torch.save(clip.openai_visual_state_dict(encoder), tmp_path / "w.pt")
+    for grid in (2, 3, 6):
+        _, loaded, _ = load_tower(tmp_path / "w.pt", size=4 * grid, init_heads=2, act="gelu", input_norm="unit")
+        after = clip.resize_pos_embed(encoder.pos_embed.detach(), (4, 4), (grid, grid), num_prefix_tokens=1)
+        torch.testing.assert_close(loaded.pos_embed.detach(), after, rtol=0, atol=0)
+        assert torch.equal(loaded.pos_embed[0, 0], encoder.pos_embed[0, 0])  # the class row is kept
+
+
+def test_openai_loader_names_a_missing_an_extra_and_a_misshapen_tensor(tmp_path):
+    sd = clip.openai_visual_state_dict(random_tower())
+    cases = {"missing": ({k: v for k, v in sd.items() if k != "visual.ln_post.bias"}, "does not set: ln_post.bias"),
+             "extra": ({**sd, "visual.transformer.resblocks.0.ls_1.gamma": torch.ones(32)},
+                       "no place for: visual.transformer.resblocks.0.ls_1.gamma"),
+             "misshapen": ({**sd, "visual.ln_pre.weight": torch.ones(33)}, r"ln_pre.weight \(33,\) vs \(32,\)"),
+             "resnet": ({**sd, "visual.layer1.0.conv1.weight": torch.ones(1)}, "a ResNet image tower"),
+             "not clip": ({"conv.weight": torch.ones(3)}, "not an image tower in OpenAI CLIP's layout")}
+    for name, (bad, message) in cases.items():
+        torch.save(bad, tmp_path / f"{name}.pt")
+        with pytest.raises(clip.InputError, match=message):
+            load_tower(tmp_path / f"{name}.pt", init_heads=2)
+
+
+def test_openai_torchscript_archives_are_read_without_running_their_code(tmp_path):
+    encoder = random_tower(patch_bias=False, act="quick_gelu", input_norm="clip")
+    sd = clip.openai_visual_state_dict(encoder)
+
+    class Holder(torch.nn.Module):  # a TorchScript module whose state dict has OpenAI's names
+        def __init__(self):
+            super().__init__()
+            for name, value in sd.items():
+                self.register_buffer(name.replace(".", "__"), value)
+
+    scripted = torch.jit.script(Holder())
+    scripted.save(str(tmp_path / "ViT.pt"))
+    loaded_sd, _ = clip.read_state_dict(str(tmp_path / "ViT.pt"))
+    assert {k.replace("__", "."): v for k, v in loaded_sd.items()}.keys() == sd.keys()
+
+
+def test_centroid_accuracy_oracle():
+    emb = F.normalize(torch.tensor([[1.0, 0.1], [0.9, 0.0], [0.0, 1.0], [0.1, 0.8]]), dim=-1)
+    labels = np.array([3, 3, 7, 7])
+    assert clip.centroid_accuracy(emb, labels, emb, labels) == 1.0
+    assert clip.centroid_accuracy(emb, labels, emb, labels[::-1].copy()) == 0.0
+
+
+def test_cli_init_evaluates_features_and_trains(tmp_path):
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, 60)
+    images = np.zeros((60, 16, 16, 3), np.uint8)
+    images[np.arange(60), :, :, labels] = 200  # class k: channel k lit
+    captions = np.array([f"an image of class {k}" for k in labels])
+    np.savez(tmp_path / "rgb.npz", images=images, labels=labels, captions=captions)
+    encoder = random_tower(patch_bias=False, act="quick_gelu", input_norm="clip")
+    torch.save({**clip.openai_visual_state_dict(encoder), **TEXT_KEYS}, tmp_path / "w.pt")
+    data = ["--data", tmp_path / "rgb.npz", "--init", tmp_path / "w.pt", "--init_heads", 2]
+    metrics = clip.main(tiny_args(tmp_path / "a", *data, "--eval_only", 1))
+    assert metrics["test_size"] == 6 and metrics["init_centroid_accuracy"] == 1.0  # colors: easy for any tower
+    trained = clip.main(tiny_args(tmp_path / "b", *data, "--max_steps", 2, "--batch_size", 8))
+    assert np.isfinite(trained["final_loss"])
+    saved = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=False)["config"]
+    assert (saved["act"], saved["input_norm"], saved["patch_bias"], saved["init"]) == (
+        "quick_gelu", "clip", False, str(tmp_path / "w.pt"))
+    resumed = clip.main(tiny_args(tmp_path / "b", *data, "--max_steps", 3, "--batch_size", 8,
+                                  "--resume", tmp_path / "b" / "ckpt.pt"))
+    assert resumed["steps"] == 3
+
+
+####################################################################################################
 # Bad input: one clear error naming the flag or the file
 ####################################################################################################
 

@@ -300,6 +300,151 @@ def test_cli_trains_on_a_real_npz_file(tmp_path):
     assert metrics["test_size"] == 8 and metrics["test_accuracy"] == 1.0
 
 
+# ---------------------------------------------------------------- published weights: timm's layout
+
+def random_vit(size=16, patch=4, dim=32, depth=2, heads=2, classes=5, seed=0, **layout):
+    """A ViT whose every parameter (norms and biases included) is random, so a wrong map shows."""
+    torch.manual_seed(seed)
+    cfg = vit.Config(image_size=size, patch_size=patch, dim=dim, depth=depth, num_heads=heads, **layout)
+    model = vit.build_model(cfg, classes).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return cfg, model
+
+
+def load_from_file(path, size=16, classes=5, **flags):
+    cfg, sd = vit.init_config(vit.Config(init=str(path), image_size=size, **flags))
+    model = vit.build_model(cfg, classes).eval()
+    vit.load_timm_weights(model, sd)
+    return cfg, model
+
+
+@given(pos_embed_cls=st.booleans(), norm_pre=st.booleans(), patch_bias=st.booleans(),
+       act=st.sampled_from(["gelu", "quick_gelu"]), input_norm=st.sampled_from(["unit", "imagenet", "clip"]),
+       seed=st.integers(0, 2**16))
+def test_timm_layout_round_trip_gives_identical_logits(tmp_path_factory, pos_embed_cls, norm_pre, patch_bias, act,
+                                                       input_norm, seed):
+    layout = dict(pos_embed_cls=pos_embed_cls, norm_pre=norm_pre, patch_bias=patch_bias, act=act,
+                  input_norm=input_norm, norm_eps=1e-6)
+    cfg, model = random_vit(seed=seed, **layout)
+    path = tmp_path_factory.mktemp("w") / "vit.pth"
+    torch.save(vit.timm_state_dict(model), path)
+    loaded_cfg, loaded = load_from_file(path, act=act, input_norm=input_norm, init_heads=2, norm_eps=1e-6)
+    # the architecture comes from the tensors' shapes; what they do not record, from the flags
+    for name in ("patch_size", "dim", "depth", "num_heads", "mlp_ratio", "pos_embed_cls", "norm_pre", "patch_bias",
+                 "norm_eps", "act", "input_norm"):
+        assert getattr(loaded_cfg, name) == getattr(cfg, name), name
+    x = torch.rand(3, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+
+
+def test_timm_defaults_are_timms_conventions(tmp_path):
+    """--init alone: LayerNorm eps 1e-6, ImageNet statistics, width / 64 heads, the class position
+    included; timm's CLIP ViTs (norm_pre): eps 1e-5 and CLIP's statistics."""
+    _, model = random_vit(dim=128, heads=2, pos_embed_cls=True)
+    torch.save(vit.timm_state_dict(model), tmp_path / "w.pth")
+    cfg, loaded = load_from_file(tmp_path / "w.pth")
+    assert (cfg.norm_eps, cfg.input_norm, cfg.num_heads, cfg.pos_embed_cls) == (1e-6, "imagenet", 2, True)
+    assert loaded.blocks[0].norm1.eps == 1e-6
+    x = torch.rand(2, 3, 16, 16)
+    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    torch.testing.assert_close(loaded.input_norm(x * 2 - 1), (x - mean) / std)
+    _, clip_like = random_vit(dim=128, heads=2, pos_embed_cls=True, norm_pre=True, patch_bias=False)
+    torch.save(vit.timm_state_dict(clip_like), tmp_path / "c.pth")
+    cfg, _ = load_from_file(tmp_path / "c.pth")
+    assert (cfg.norm_eps, cfg.input_norm, cfg.norm_pre, cfg.patch_bias) == (1e-5, "clip", True, False)
+
+
+def test_quick_gelu_is_x_sigmoid_1702x():
+    mlp = vit.MLP(4, 6, act="quick_gelu")
+    x = torch.randn(5, 4)
+    h = mlp.fc1(x)
+    torch.testing.assert_close(mlp(x), mlp.fc2(h * torch.sigmoid(1.702 * h)))
+    assert not torch.allclose(mlp(x), mlp.fc2(torch.nn.functional.gelu(h)))
+
+
+def test_safetensors_reader_matches_the_reference_writer(tmp_path):
+    from safetensors.torch import save_file  # the format's own package, a test dependency only
+    tensors = {"f32": torch.randn(3, 4), "bf16": torch.randn(5).bfloat16(), "f16": torch.randn(2, 2).half(),
+               "i64": torch.arange(6).reshape(2, 3), "u8": torch.arange(4, dtype=torch.uint8), "scalar": torch.tensor(2.5),
+               "empty": torch.zeros(0, 3)}
+    save_file(tensors, tmp_path / "t.safetensors", metadata={"format": "pt"})
+    sd, _ = vit.read_state_dict(str(tmp_path / "t.safetensors"))
+    assert sd.keys() == tensors.keys()
+    for name, value in tensors.items():
+        assert sd[name].dtype == value.dtype and torch.equal(sd[name], value), name
+    (tmp_path / "bad.safetensors").write_bytes(b"\x10" + b"\x00" * 7 + b"{not json")
+    with pytest.raises(vit.InputError, match="not a readable .safetensors file"):
+        vit.read_state_dict(str(tmp_path / "bad.safetensors"))
+
+
+def test_safetensors_and_wrapped_state_dicts_load(tmp_path):
+    from safetensors.torch import save_file
+    _, model = random_vit(pos_embed_cls=True, norm_eps=1e-6, input_norm="imagenet")
+    sd = vit.timm_state_dict(model)
+    save_file(sd, tmp_path / "w.safetensors")
+    torch.save({"state_dict": {"module." + k: v for k, v in sd.items()}}, tmp_path / "wrapped.pth")
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    for name in ("w.safetensors", "wrapped.pth"):
+        _, loaded = load_from_file(tmp_path / name, init_heads=2)
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+
+
+@given(pos_embed_cls=st.booleans(), new_grid=st.integers(1, 6), seed=st.integers(0, 2**16))
+def test_position_resizing_at_load_equals_resizing_after_load(tmp_path_factory, pos_embed_cls, new_grid, seed):
+    _, model = random_vit(size=16, patch=4, seed=seed, pos_embed_cls=pos_embed_cls)  # a 4x4 grid
+    path = tmp_path_factory.mktemp("w") / "vit.pth"
+    torch.save(vit.timm_state_dict(model), path)
+    _, at_load = load_from_file(path, size=4 * new_grid, init_heads=2, input_norm="unit", norm_eps=1e-5)
+    after = vit.resize_pos_embed(model.pos_embed.detach(), (4, 4), (new_grid, new_grid), int(pos_embed_cls))
+    torch.testing.assert_close(at_load.pos_embed.detach(), after, rtol=0, atol=0)
+    x = torch.rand(2, 3, 4 * new_grid, 4 * new_grid) * 2 - 1
+    with torch.no_grad():  # the trained model run at the new size resizes the same way on the fly
+        torch.testing.assert_close(at_load(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_loader_names_a_missing_an_extra_and_a_misshapen_tensor(tmp_path):
+    _, model = random_vit(pos_embed_cls=True)
+    sd = vit.timm_state_dict(model)
+    cases = {"missing": ({k: v for k, v in sd.items() if k != "blocks.1.mlp.fc2.bias"}, "does not set: blocks.1.mlp.fc2.bias"),
+             "extra": ({**sd, "blocks.0.ls1.gamma": torch.ones(32)}, "no place for: blocks.0.ls1.gamma"),
+             "misshapen": ({**sd, "blocks.0.norm2.weight": torch.ones(33)}, r"blocks.0.norm2.weight \(33,\) vs \(32,\)"),
+             "not a vit": ({"conv.weight": torch.ones(3)}, "not a class-token ViT state dict in timm's layout")}
+    for name, (bad, message) in cases.items():
+        torch.save(bad, tmp_path / f"{name}.pth")
+        with pytest.raises(vit.InputError, match=message):
+            load_from_file(tmp_path / f"{name}.pth", init_heads=2)
+    (tmp_path / "junk.pth").write_bytes(b"not a weights file")
+    with pytest.raises(SystemExit, match="not a readable weights file"):
+        vit.main(tiny_args(tmp_path / "o", "--init", tmp_path / "junk.pth"))
+    with pytest.raises(SystemExit, match="no such file"):
+        vit.main(tiny_args(tmp_path / "o", "--init", tmp_path / "none.pth"))
+
+
+def test_cli_init_evaluates_and_fine_tunes(tmp_path):
+    trained = vit.main(tiny_args(tmp_path / "a"))
+    _, model = random_vit()  # a 5-class head: the shapes data has 21
+    torch.save(vit.timm_state_dict(model), tmp_path / "five.pth")
+    # our own checkpoint as --init: the same weights and conventions, the same test accuracy
+    again = vit.main(tiny_args(tmp_path / "b", "--init", tmp_path / "a" / "ckpt.pt", "--eval_only", 1))
+    assert again["test_accuracy"] == trained["test_accuracy"]
+    # exported to timm's layout and read back with the project's conventions: the same again
+    ckpt = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)
+    torch.save({k: v for k, v in ckpt["model"].items()}, tmp_path / "timm.pth")
+    exported = vit.main(tiny_args(tmp_path / "c", "--init", tmp_path / "timm.pth", "--eval_only", 1,
+                                  "--input_norm", "unit", "--norm_eps", 1e-5, "--init_heads", 2))
+    assert exported["test_accuracy"] == trained["test_accuracy"]
+    with pytest.raises(SystemExit, match="its head has 5 classes and --data shapes has 21"):
+        vit.main(tiny_args(tmp_path / "d", "--init", tmp_path / "five.pth", "--eval_only", 1, "--init_heads", 2))
+    tuned = vit.main(tiny_args(tmp_path / "e", "--init", tmp_path / "five.pth", "--init_heads", 2))
+    assert np.isfinite(tuned["final_loss"])
+    saved = json.loads(open(tmp_path / "e" / "metrics.json").read())
+    assert saved["test_size"] == 64
+
+
 # ---------------------------------------------------------------- bad inputs
 
 def test_image_size_not_divisible_by_patch_is_a_clear_error(tmp_path):
