@@ -56,7 +56,7 @@ Commands:
     torchrun --standalone --nproc_per_node=4 clip.py --preset gpu     # DDP; --batch_size is global
     python clip.py --eval_only 1 --resume out/clip/ckpt.pt            # evaluate a checkpoint
     python clip.py --data pairs.npz --image_size 28 --patch_size 4  # images, captions [labels, class_names]
-    python tools/to_npz.py cifar10 cifar-10-python.tar.gz --out c10.npz --captions "a photo of a {}"  # such a file
+    python tools/to_npz.py cifar10 cifar-10-python.tar.gz --out c10.npz --captions "an image of a {}"  # such a file
     python clip.py --init ViT-B-32.pt --eval_only 1 --data c10.npz --image_size 224   # OpenAI's tower: its features
     python clip.py --init ViT-B-32.pt --data c10.npz --image_size 32                  # its tower, a new text encoder
 
@@ -144,8 +144,8 @@ class Config:
 
 # The accepted range of each numeric field, checked before any work (check_config). A field not
 # listed is an integer >= 1 or a finite float > 0.
-RANGES = {"init_heads": ">= 0", "min_lr": ">= 0", "warmup_steps": ">= 0", "weight_decay": ">= 0", "grad_clip": ">= 0", "seed": ">= 0",
-          "eval_every": ">= 0", "stop_step": ">= 0"}
+RANGES = {"init_heads": ">= 0", "min_lr": ">= 0", "warmup_steps": ">= 0", "weight_decay": ">= 0", "grad_clip": ">= 0",
+          "seed": ">= 0", "eval_every": ">= 0", "stop_step": ">= 0"}
 
 # Fields that may change when a run is resumed (any other difference is an error), and that
 # --eval_only takes from the command line rather than from the checkpoint.

@@ -15,7 +15,8 @@ with the de-tokenizer). The equations, as named in the notes and papers:
                         layer, clamped to [0, max_lambda] and detached              -> adaptive_weight()
       warm-up           D trains from step 0; r(t) = min(1, t / adv_warmup) ramps the generator's
                         adversarial weight in (not taming's switch at disc_start)  -> adversarial_ramp()
-      perceptual        Laplacian-pyramid L1, sum_j mean |L_j(x^) - L_j(x)|          -> laplacian_l1()
+      perceptual        LPIPS with unit weights on a fixed random conv net            -> feature_distance()
+                        (or a Laplacian-pyramid L1, sum_j mean |L_j(x^) - L_j(x)|    -> laplacian_l1())
     (Lec12 unify, 1)    one vocabulary: [256 bytes, PAD, BOS, EOS | BOI, EOI | K codes] -> code_ids(), TEXT_VOCAB
     (Lec12 unify, 2)    [caption] [BOI] [codes] [EOI] and [BOI] [codes] [EOI] [caption], each slot's
                         logits masked to its modality; L = 1/8 L_text + 7/8 L_image (DALL-E)
@@ -31,14 +32,15 @@ L1 (arXiv:1707.05776); Zhang et al. 2018, LPIPS (arXiv:1801.03924); Ramesh et al
 guidance (arXiv:2207.12598).
 
 The perceptual term. No weights can be downloaded, so LPIPS's VGG is out. Three weight-free choices
-are implemented (--perceptual): `laplacian` (the default), the L1 distance between Laplacian
-pyramids; `features`, LPIPS's distance on the channel-normalised activations of a fixed randomly
-initialised conv net; `none`. The Laplacian pyramid is chosen because the blur of an autoencoder
-trained on a pixel loss lives in the finest band: a plain L1 averages over a picture that is mostly
-flat colour and black, so the few edge pixels are outvoted, while the pyramid's finest band is
-mostly edges and weighs as much as the coarse ones. It is exactly 0 only for equal images (the
-pyramid is invertible), needs no weights and costs three blurs. The ablation (`--prior_steps 0
---perceptual features` or `none`) is not measured yet.
+are implemented (--perceptual): `features` (the default), LPIPS's distance on the channel-normalised
+activations of a fixed randomly initialised conv net (random conv features keep edges and colour
+contrasts, and need no training); `laplacian`, the L1 distance between Laplacian pyramids, whose
+finest band is mostly edges; `none`. The choice is measured (README, 500 tokenizer steps, the 2000
+test images): the detector reads 95.0% of the reconstructions with `features`, 95.2% with `none` and
+92.3% with `laplacian`, and `features` is as sharp as `none` (gradient-energy ratio 0.71 / 0.72)
+where `laplacian` blurs (0.65). The pyramid was the first default, for the reason above; at this
+budget it trades sharpness for L1, so `features` replaced it. Without the discriminator, plain L1
+did best of all (96.1%): the adversarial term pays off only in sharpness.
 
 Conventions. Images are float (B, C, H, W) in [-1, 1], uint8 (N, H, W, C) on disk. The encoder
 downsamples by f = 2 ** (levels - 1): 32 px becomes an 8x8 grid of codes at f = 4, read in raster
@@ -62,7 +64,7 @@ Commands:
     torchrun --standalone --nproc_per_node=4 vqgan.py --preset gpu   # DDP; batch sizes are global
     python vqgan.py --eval_only 1 --resume out/vqgan/ckpt.pt --compare out/vqvae/ckpt.pt   # vs vqvae.py
     python vqgan.py --eval_only 1 --resume out/vqgan/ckpt.pt --cfg_w 3 --top_k 16           # resample
-    python vqgan.py --prior_steps 0 --perceptual features     # the tokenizer alone (the ablation)
+    python vqgan.py --prior_steps 0 --perceptual laplacian    # the tokenizer alone (the ablation)
 """
 
 from __future__ import annotations
@@ -112,7 +114,7 @@ class Config:
     disc_layers: int = 2  # stride-2 convolutions of the PatchGAN (taming's n_layers)
     # method: the tokenizer's loss
     rec_loss: str = "l2"  # reconstruction term: l2 (mean squared error, vqvae.py's) or l1 (taming's)
-    perceptual: str = "laplacian"  # perceptual term: laplacian (pyramid L1), features (fixed random conv net), none
+    perceptual: str = "features"  # perceptual term: features (LPIPS on a fixed random conv net), laplacian (pyramid L1), none
     perceptual_weight: float = 1.0  # w_p
     adv_weight: float = 0.5  # w_adv, on top of the adaptive weight lambda (0: no discriminator, a VQ-VAE with L1)
     adv_warmup: int = 150  # steps over which the generator's adversarial weight ramps from 0 to 1 (D trains from 0)

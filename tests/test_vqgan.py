@@ -89,7 +89,8 @@ def test_generator_step_does_not_update_the_discriminator():
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     x = images(2)
     x_hat, terms = model(x)
-    loss, parts = vg.generator_objective(x, x_hat, terms, disc, model.decoder.conv_out.weight, TINY, 1.0)
+    loss, parts = vg.generator_objective(x, x_hat, terms, disc, model.decoder.conv_out.weight, TINY, 1.0,
+                                         vg.RandomFeatures(3))
     loss.backward()
     assert all(p.grad is None for p in disc.parameters()) and all(p.requires_grad for p in disc.parameters())
     assert model.decoder.conv_out.weight.grad.abs().sum() > 0
@@ -129,7 +130,8 @@ def test_adversarial_weight_ramps_in_from_zero_while_the_discriminator_trains_fr
     model, disc = tokenizer_and_disc()
     x = images(3)
     x_hat, terms = model(x)
-    loss, parts = vg.generator_objective(x, x_hat, terms, disc, model.decoder.conv_out.weight, TINY, ramp[0])
+    loss, parts = vg.generator_objective(x, x_hat, terms, disc, model.decoder.conv_out.weight, TINY, ramp[0],
+                                         vg.RandomFeatures(3))
     assert loss.item() == pytest.approx((parts["rec"] + parts["perceptual"] + parts["codebook"] + parts["commitment"]).item())
     d_loss, _, _ = vg.discriminator_objective(disc, x, x_hat)  # at step 0 the discriminator has a loss to learn from
     d_loss.backward()

@@ -35,10 +35,12 @@ Options:
     --seed S        shuffle the images with this seed before --limit (default: keep the file order;
                     a folder is sorted by class, so --limit alone would keep only the first classes).
     --limit N       keep the first N images.
-    --captions T    synthetic captions T.format(class name), e.g. "a photo of a {}".
+    --captions T    synthetic captions T.format(class name), e.g. "an image of a {}" (not one of
+                    clip.py's zero-shot prompts "a {}", "a photo of a {}", "a picture of a {}",
+                    which would then be training captions).
 
 Example: MNIST for the ViT at 16 px, RGB, with captions for CLIP:
-    python tools/to_npz.py mnist ~/data/mnist --out mnist16.npz --size 16 --rgb --captions "a photo of a {}"
+    python tools/to_npz.py mnist ~/data/mnist --out mnist16.npz --size 16 --rgb --captions "a handwritten {}"
     python vit.py --data mnist16.npz --image_size 16 --patch_size 4
 """
 
@@ -384,7 +386,7 @@ def main(argv=None):
     parser.add_argument("--split", choices=["train", "test", "all"], help="the original split(s) to keep (default all)")
     parser.add_argument("--seed", type=int, help="shuffle with this seed before --limit (default: file order)")
     parser.add_argument("--labels", choices=["fine", "coarse"], help="cifar100: the 100 fine or 20 coarse classes")
-    parser.add_argument("--captions", metavar="TEMPLATE", help='synthetic captions, e.g. "a photo of a {}"')
+    parser.add_argument("--captions", metavar="TEMPLATE", help='synthetic captions, e.g. "an image of a {}"')
     args = parser.parse_args(argv)
     try:
         check_args(args)
