@@ -654,7 +654,7 @@ def openai_visual_config(sd, num_heads=0):
     if missing:
         raise InputError(f"--init: not an image tower in OpenAI CLIP's layout (no {', '.join(missing[:3])}; "
                          f"it has {', '.join(list(sd)[:4])}, ...)")
-    D, C, P, P2 = sd["visual.conv1.weight"].shape
+    D, _, P, P2 = sd["visual.conv1.weight"].shape
     n_pos = sd["visual.positional_embedding"].shape[0] - 1
     heads = num_heads or D // 64
     if P != P2 or math.isqrt(n_pos) ** 2 != n_pos or heads < 1 or D % heads:
