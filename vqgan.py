@@ -2070,6 +2070,11 @@ def setup_runtime(cfg):
 def cleanup_runtime(rt):
     if rt.world_size > 1 and dist.is_initialized():
         dist.barrier()  # rank 0 may still be evaluating; tearing gloo down under it aborts
+        # A gloo worker thread frees each finished collective after it completes, and freeing a
+        # tensor that Python let go of needs the GIL; the group's destructor (run when the DDP
+        # wrapper dies, after this) joins those threads while holding the GIL. Sleeping releases
+        # it so the workers finish first (a two-rank test run hung there once, torch 2.13).
+        time.sleep(0.1)
         dist.destroy_process_group()
 
 

@@ -83,6 +83,7 @@ class Config:
     latent_dim: int = 16  # D: channels of the latent grid (code dimension, or the Gaussian's dimension)
     # method
     bottleneck: str = "vq"  # vq (VQ-VAE) or gaussian (the VAE: q(z|x) = N(mu, sigma^2), ELBO in bits/dim)
+    rec_loss: str = "l2"  # the VQ-VAE's reconstruction term: l2 (the lecture's Gaussian -log p(x|z_q)) or l1 (a Laplacian's)
     num_codes: int = 128  # K: codebook size
     beta: float = 0.25  # commitment weight on ||z_e - sg[e]||^2
     ema: bool = True  # update the codebook by an EMA of its assigned vectors instead of the codebook loss
@@ -749,11 +750,12 @@ def bits_per_dim(nats, num_dims=1):
     return nats / (num_dims * math.log(2))
 
 
-def vq_vae_loss(x, x_hat, terms):
+def vq_vae_loss(x, x_hat, terms, rec_loss="l2"):
     """The lecture's VQ-VAE loss with -log p(x|z_q) as the mean squared error (a Gaussian of
-    fixed variance, up to constants): (total, reconstruction)."""
+    fixed variance, up to constants), or with rec_loss="l1" the mean absolute error (a Laplacian,
+    as taming-transformers' VQGAN): (total, reconstruction)."""
     # Eq (Lec12 VQ loss): L = -log p(x|z_q) + ||sg[z_e] - e||^2 + beta ||z_e - sg[e]||^2
-    reconstruction = F.mse_loss(x_hat.float(), x)
+    reconstruction = (F.l1_loss if rec_loss == "l1" else F.mse_loss)(x_hat.float(), x)
     return reconstruction + terms["codebook"] + terms["commitment"], reconstruction
 
 
@@ -892,6 +894,8 @@ def validate_config(cfg, data):
                          f"pick an image size that is a multiple of {f} or a smaller --downsample")
     if cfg.bottleneck not in ("vq", "gaussian"):
         raise InputError(f"--bottleneck {cfg.bottleneck}: expected vq or gaussian")
+    if cfg.rec_loss not in ("l1", "l2"):
+        raise InputError(f"--rec_loss {cfg.rec_loss}: expected l1 or l2")
     if cfg.prior_dim % cfg.prior_heads:
         raise InputError(f"--prior_dim {cfg.prior_dim} is not divisible by --prior_heads {cfg.prior_heads}")
     if cfg.prior_batch_size % int(os.environ.get("WORLD_SIZE", 1)):
@@ -1158,7 +1162,7 @@ def train(cfg):
                 with rt.autocast():
                     out, terms = run_model(x, noise, g)
                 if quantized:
-                    loss, recon = vq_vae_loss(x, out, terms)
+                    loss, recon = vq_vae_loss(x, out, terms, cfg.rec_loss)
                     extra = {"recon": recon, "codebook": terms["codebook"], "commitment": terms["commitment"]}
                 else:
                     loss, nll, kl = vae_loss(x, out, terms["mean"], terms["logvar"])
@@ -1629,6 +1633,11 @@ def setup_runtime(cfg):
 def cleanup_runtime(rt):
     if rt.world_size > 1 and dist.is_initialized():
         dist.barrier()  # rank 0 may still be evaluating; tearing gloo down under it aborts
+        # A gloo worker thread frees each finished collective after it completes, and freeing a
+        # tensor that Python let go of needs the GIL; the group's destructor (run when the DDP
+        # wrapper dies, after this) joins those threads while holding the GIL. Sleeping releases
+        # it so the workers finish first (a two-rank test run hung there once, torch 2.13).
+        time.sleep(0.1)
         dist.destroy_process_group()
 
 

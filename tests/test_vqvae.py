@@ -302,6 +302,17 @@ def test_discretized_gaussian_probabilities_of_the_256_values_sum_to_one(mean, l
     assert abs(torch.exp(-nll).sum().item() - 1) < 1e-4
 
 
+@given(seed=SEEDS)
+def test_reconstruction_term_is_the_mean_squared_or_the_mean_absolute_error(seed):
+    g = torch.Generator().manual_seed(seed)
+    x, x_hat = torch.rand(2, 3, 4, 4, generator=g) * 2 - 1, torch.rand(2, 3, 4, 4, generator=g) * 2 - 1
+    terms = {"codebook": torch.tensor(0.25), "commitment": torch.tensor(0.5)}
+    for rec_loss, expected in (("l2", ((x_hat - x) ** 2).mean()), ("l1", (x_hat - x).abs().mean())):
+        loss, recon = vqvae.vq_vae_loss(x, x_hat, terms, rec_loss)
+        torch.testing.assert_close(recon, expected)
+        torch.testing.assert_close(loss, expected + 0.75)
+
+
 def test_bits_per_dim_bookkeeping():
     # a uniform distribution over the 256 values costs exactly 8 bits per subpixel
     assert math.isclose(vqvae.bits_per_dim(3072 * math.log(256), 3072), 8.0)
@@ -398,6 +409,7 @@ def test_cli_trains_on_a_grayscale_npz_file(tmp_path):
     (["--downsample", 3], "--downsample 3: expected a power of 2"),
     (["--image_size", 18], "--image_size 18 is not divisible by --downsample 4"),
     (["--bottleneck", "flow"], "--bottleneck flow: expected vq or gaussian"),
+    (["--rec_loss", "l3"], "--rec_loss l3: expected l1 or l2"),
     (["--prior_heads", 3], "--prior_dim 32 is not divisible by --prior_heads 3"),
     (["--top_k", 17], r"--top_k 17 is larger than the codebook \(--num_codes 16\)"),
     (["--ema_decay", 1.0], r"--ema_decay 1.0: expected a finite number in \[0, 1\)"),
