@@ -36,10 +36,11 @@ Measured (cpu preset: 24 px, 800 diffusion steps of batch 32 + 500 classifier st
 alone on 2 CPU cores): the detector finds the requested (shape, color) in 83% of classifier-free-
 guided samples (w = 2, DDIM 20 steps; 88% with 20 ancestral steps) and in 47% without guidance.
 Three times the training (`--max_steps 1200 --batch_size 64`, 6-8 minutes on the faster machines
-of earlier sessions, about 19 on this one) reaches 98% guided and 87% without guidance. The preset predicts v on the cosine schedule because, at this budget,
-the lecture's eps on the linear schedule reached 26% (a GPU check at 32 px, DDIM 50 steps, w = 2),
-v on cosine 94%. Deterministic DDIM paths have straightness 0.11, close to (pi/2)/sqrt(2) - 1, the
-value for the quarter-circle arc z_t = a_t x_0 + sigma_t eps that DDIM traces for one data point.
+of earlier sessions, about 19 on this one) reaches 98% guided and 87% without guidance. The preset
+predicts v on the cosine schedule because the lecture's eps on the linear schedule reached 26% (a
+GPU check at 32 px, DDIM 50 steps, w = 2) where v on cosine reached 94%. Deterministic DDIM
+paths have straightness 0.11, close to (pi/2)/sqrt(2) - 1, the value for the quarter-circle arc
+z_t = a_t x_0 + sigma_t eps that DDIM traces for one data point.
 
 Commands:
     python ddpm.py                                  # cpu preset: trains, evaluates, writes out/ddpm/
