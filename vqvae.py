@@ -34,8 +34,9 @@ dimension, K codebook size, n vectors (B*h*w), T tokens.
 Measured (`python vqvae.py`, cpu preset, 2-core CPU alone, 5 min 46 s): reconstructions 28.5 dB
 PSNR, the detector reads 84.8% of them (100% of clean renders); 100% of the codebook used on the
 test split, perplexity 5.8; 64 codes per image; prior 1.00 bits per code on the test split, its
-samples aligned with their class 17.7% of the time (w = 1). Both the reconstruction (95%) and the
-alignment (80%) targets are not reached yet.
+samples aligned with their class 29.5% of the time (w = 2, temperature 0.7, top-k 4; 17.7% at
+w = 1, temperature 1, all codes). Both the reconstruction (95%) and the alignment (80%) targets
+are not reached yet.
 
 Commands:
     python vqvae.py                                 # cpu preset: tokenizer, then prior; writes out/vqvae/
@@ -100,9 +101,9 @@ class Config:
     prior_lr: float = 2e-3  # peak learning rate of the prior
     prior_batch_size: int = 64  # global batch size of the prior (split across DDP ranks)
     p_uncond: float = 0.1  # probability of replacing the class token by the null class (for CFG)
-    cfg_w: float = 1.0  # guidance weight w in logits = (1 + w) cond - w uncond
-    temperature: float = 1.0  # sampling temperature of the prior (0: argmax)
-    top_k: int = 0  # sample among the k most likely codes (0: all)
+    cfg_w: float = 2.0  # guidance weight w in logits = (1 + w) cond - w uncond
+    temperature: float = 0.7  # sampling temperature of the prior (0: argmax)
+    top_k: int = 4  # sample among the k most likely codes (0: all)
     # evaluation
     eval_per_class: int = 16  # prior samples per class for the alignment score and the grid
     # data
