@@ -264,6 +264,7 @@ class PatchEmbed(nn.Module):
     def forward(self, x):
         return self.proj(x).flatten(2).transpose(1, 2)  # (B, D, H/P, W/P) -> (B, N, D)
 
+
 # Copied from vit.InputNorm
 class InputNorm(nn.Module):
     """The project's pixels x in [-1, 1] mapped to the convention that published weights were
