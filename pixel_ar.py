@@ -895,15 +895,20 @@ def shape_coverage(shape, cx, cy, h, image_size, supersample=4):
     S, ss = image_size, supersample
     fine = (np.arange(S * ss) + 0.5) / ss  # sub-pixel centres in pixel units
     out = np.zeros((len(shape), S, S), dtype=np.float32)
-    for lo in range(0, len(shape), 256):
-        k, h_ = shape[lo:lo + 256, None, None], h[lo:lo + 256, None, None]
-        dy = fine[None, :, None] - cy[lo:lo + 256, None, None]  # (n, S*ss, 1)
-        dx = fine[None, None, :] - cx[lo:lo + 256, None, None]  # (n, 1, S*ss)
-        circle = dx ** 2 + dy ** 2 <= h_ ** 2
-        square = (np.abs(dx) <= h_) & (np.abs(dy) <= h_)
-        triangle = (np.abs(dy) <= h_) & (np.abs(dx) <= (dy + h_) / 2)
-        inside = np.where(k == 0, circle, np.where(k == 1, square, triangle))
-        out[lo:lo + 256] = inside.reshape(len(k), S, ss, S, ss).mean(axis=(2, 4))
+    for kind in range(len(SHAPES)):  # each row's own shape only
+        rows = np.flatnonzero(shape == kind)
+        for lo in range(0, len(rows), 256):
+            r = rows[lo:lo + 256]
+            h_ = h[r, None, None]
+            dy = fine[None, :, None] - cy[r, None, None]  # (n, S*ss, 1)
+            dx = fine[None, None, :] - cx[r, None, None]  # (n, 1, S*ss)
+            if kind == 0:
+                inside = dx ** 2 + dy ** 2 <= h_ ** 2
+            elif kind == 1:
+                inside = (np.abs(dx) <= h_) & (np.abs(dy) <= h_)
+            else:
+                inside = (np.abs(dy) <= h_) & (np.abs(dx) <= (dy + h_) / 2)
+            out[r] = inside.reshape(len(r), S, ss, S, ss).sum(axis=(2, 4), dtype=np.float32) / ss ** 2
     return out
 
 
