@@ -36,13 +36,12 @@ Measured alone on a 2-core machine (`python clip.py`, the cpu preset: 2000 steps
 4.8%), 72.2% on the heldout pairs; the bare prompt "a red circle" 99.9% / 70.5%; the softmax-sum
 ensemble 99.9% / 72.2%; seeds 1 to 3 (one thread each, beside another run): 100.0%, 99.9%,
 100.0%. Circles and squares, which differ only at their corners, are the last thing the model
-tells apart. From timm's std 0.02 for every matrix (vit.py's
-init) the image tower starts with every image embedded alike (cosine 1.000 between any two), the
-texts "circle" and "square" and the images of the two then collapse together (text cosine 0.997, a
-linear probe on the image embeddings 67%), and whether a run ever separated them was a matter of
-the seed (98.4%, 66.4%, 80.2% at seeds 0-2
-with the temperature starting at 0.02); from OpenAI's initialisation every seed separates them by
-step 1000 (README: the runs).
+tells apart. From timm's std 0.02 for every matrix (vit.py's init) the image tower starts with
+every image embedded alike (cosine 1.000 between any two), the texts "circle" and "square" and the
+images of the two then collapse together (text cosine 0.997, a linear probe on the image
+embeddings 67%), and whether a run ever separated them was a matter of the seed (98.4%, 66.4%,
+80.2% at seeds 0-2 with the temperature starting at 0.02); from OpenAI's initialisation every seed
+separates them by step 1000 (README: the runs).
 At patch 8 (16 tokens) the model never told circles from squares (65.7% by CLIP's rule after 1500
 steps, the old initialisation); 4-pixel patches did.
 
@@ -449,7 +448,6 @@ class CLIP(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / tau_init)))
         for encoder in (image_encoder, text_encoder):
             init_tower(encoder)
-
 
     def encode_image(self, images):
         return F.normalize(self.image_encoder(images), dim=-1)  # (B, E), unit norm
