@@ -149,15 +149,16 @@ def one_step(model, stage, optimizer):
     optimizer.step()
 
 
-@pytest.mark.parametrize("stage, train_vision", [(0, False), (1, False), (2, False), (2, True)])
+@pytest.mark.parametrize("stage, train_vision", [(0, False), (1, False), (1, True), (2, False), (2, True)])
 def test_frozen_parameters_get_no_gradient_and_do_not_change_and_the_optimizer_holds_only_the_rest(stage, train_vision):
     model = tiny_model(vision_depth=2)
-    llava.set_trainable(model, stage, train_vision)
+    llava.set_trainable(model, stage, train_vision, align_vision=train_vision)  # stage 1 reads align_vision
     optimizer = llava.make_optimizer(model, 1e-2, 0.05, CPU)
     held = {id(p) for group in optimizer.param_groups for p in group["params"]}
     trains = {n for n, p in model.named_parameters() if p.requires_grad}
     assert held == {id(p) for p in model.parameters() if p.requires_grad}
-    expected = {0: ("lm.",), 1: ("projector.",), 2: ("lm.", "projector.") + (("tower.",) if train_vision else ())}[stage]
+    tower = ("tower.",) if train_vision and stage > 0 else ()
+    expected = {0: ("lm.",), 1: ("projector.",) + tower, 2: ("lm.", "projector.") + tower}[stage]
     assert {n.split(".")[0] + "." for n in trains} == set(expected)
     # the tower's last block, ln_post and proj are never read, so they never train
     assert not any(n.startswith(("tower.blocks.1.", "tower.ln_post", "tower.proj")) for n in trains)
@@ -175,6 +176,9 @@ def test_stages_follow_the_step_count_and_the_tower_trains_by_default_only_when_
     assert llava.tower_trains(cfg) and not llava.tower_trains(dataclasses.replace(cfg, vision_init="x.pt"))
     assert llava.tower_trains(dataclasses.replace(cfg, vision_init="x.pt", train_vision="1"))
     assert not llava.tower_trains(dataclasses.replace(cfg, train_vision="0"))
+    # stage 1 trains the tower only when it is random and trains: a CLIP tower aligns frozen
+    assert llava.tower_aligns(cfg) and not llava.tower_aligns(dataclasses.replace(cfg, train_vision="0"))
+    assert not llava.tower_aligns(dataclasses.replace(cfg, vision_init="x.pt", train_vision="1"))
 
 
 # ---------------------------------------------------------------- the instruction data
