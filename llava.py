@@ -23,8 +23,8 @@ slots keep the placeholder's own embedding, so the layout is that of the later s
 frozen; a CLIP tower is frozen too, as in LLaVA, while a random tower trains beside the projector
 (it has nothing to be aligned to yet). 2 "instruction" (LLaVA's fine-tuning): projector and LM
 train on questions about the image; the tower trains too with --train_vision 1, and by default
-(auto) exactly when it is random: without --vision_init the tower learns from the LM loss alone. Each stage has its own
-optimizer holding only what trains in it, its own warm-up and cosine decay.
+(auto) exactly when it is random: without --vision_init the tower learns from the LM loss alone.
+Each stage has its own optimizer holding only what trains in it, its own warm-up and cosine decay.
 
 The instruction data is written from the shapes world's attributes, three phrasings per question:
 color, shape, size, position ("where is the shape?" -> "top left"), yes/no ("is there a red
@@ -119,9 +119,8 @@ class Config:
     text_length: int = 96  # text tokens of one example after the vision tokens: BOS, question, answer, EOS
     # method
     lm_steps: int = 150  # stage 0: the LM alone learns to write, on the training captions' text (no image)
-    align_steps: int = 350  # stage 1 (LLaVA's feature alignment): only the projector trains, on image-caption pairs
-    train_vision: str = "auto"  # stage 2 also trains the tower: 1, 0, or auto (1 for a random tower, 0 with --vision_init);
-    # a random tower that trains also trains in stage 1 (tower_aligns)
+    align_steps: int = 350  # stage 1 (LLaVA's feature alignment): the projector (and a random tower) trains, on image-caption pairs
+    train_vision: str = "auto"  # stage 2 also trains the tower: 1, 0, or auto (1 for a random tower, 0 with --vision_init); a random one that trains, stage 1 too
     vision_init: str = ""  # a clip.py checkpoint (out/clip/ckpt.pt) whose image tower to load; empty: a random tower
     # evaluation
     temperature: float = 0.0  # sampling temperature of the evaluated answers (0: greedy)
