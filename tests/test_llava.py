@@ -19,9 +19,9 @@ TOKENIZER = llava.ByteTokenizer()
 texts = st.text(alphabet="abcdefghij ?.", max_size=12)
 
 
-def tiny_model(seed=0, dtype=torch.float32, **overrides):
+def tiny_model(seed=0, dtype=torch.float32, num_words=0, **overrides):
     torch.manual_seed(seed)
-    return llava.build_model(dataclasses.replace(TINY, **overrides)).to(dtype)
+    return llava.build_model(dataclasses.replace(TINY, **overrides), num_words=num_words).to(dtype)
 
 
 def tiny_images(n, seed=0):
@@ -141,24 +141,30 @@ def test_cached_generation_equals_recomputing_the_whole_sequence(temperature):
 
 def one_step(model, stage, optimizer):
     split = tiny_images(4)
-    prompts = [""] * 4 if stage < 2 else ["what shape is it?\n"] * 4
-    answers = split["captions"] if stage < 2 else [llava.SHAPES[a] for a in split["attributes"][:, 0]]
-    ids, labels = llava.encode_examples(TOKENIZER, prompts, answers, model.num_vision_tokens, TINY.text_length)
-    images = llava.images_to_tensor(split["images"]) if stage > 0 else None
-    llava.answer_loss(model(ids, images), labels).backward()
+    images = llava.images_to_tensor(split["images"])
+    if stage == 0:
+        vocabulary = llava.word_vocabulary(split["captions"])
+        llava.word_loss(model(None, images), llava.word_targets(split["captions"], vocabulary)).backward()
+    else:
+        prompts = [""] * 4 if stage < 3 else ["what shape is it?\n"] * 4
+        answers = split["captions"] if stage < 3 else [llava.SHAPES[a] for a in split["attributes"][:, 0]]
+        ids, labels = llava.encode_examples(TOKENIZER, prompts, answers, model.num_vision_tokens, TINY.text_length)
+        llava.answer_loss(model(ids, images if stage > 1 else None), labels).backward()
     optimizer.step()
 
 
-@pytest.mark.parametrize("stage, train_vision", [(0, False), (1, False), (1, True), (2, False), (2, True)])
+@pytest.mark.parametrize("stage, train_vision", [(0, False), (1, False), (2, False), (2, True), (3, False), (3, True)])
 def test_frozen_parameters_get_no_gradient_and_do_not_change_and_the_optimizer_holds_only_the_rest(stage, train_vision):
-    model = tiny_model(vision_depth=2)
-    llava.set_trainable(model, stage, train_vision, align_vision=train_vision)  # stage 1 reads align_vision
+    vocabulary = llava.word_vocabulary(tiny_images(4)["captions"])
+    model = tiny_model(vision_depth=2, num_words=len(vocabulary))
+    llava.set_trainable(model, stage, train_vision, align_vision=train_vision)  # stage 2 reads align_vision
     optimizer = llava.make_optimizer(model, 1e-2, 0.05, CPU)
     held = {id(p) for group in optimizer.param_groups for p in group["params"]}
     trains = {n for n, p in model.named_parameters() if p.requires_grad}
     assert held == {id(p) for p in model.parameters() if p.requires_grad}
-    tower = ("tower.",) if train_vision and stage > 0 else ()
-    expected = {0: ("lm.",), 1: ("projector.",) + tower, 2: ("lm.", "projector.") + tower}[stage]
+    tower = ("tower.",) if train_vision and stage > 1 else ()
+    expected = {0: ("tower.", "word_head."), 1: ("lm.",), 2: ("projector.",) + tower,
+                3: ("lm.", "projector.") + tower}[stage]
     assert {n.split(".")[0] + "." for n in trains} == set(expected)
     # the tower's last block, ln_post and proj are never read, so they never train
     assert not any(n.startswith(("tower.blocks.1.", "tower.ln_post", "tower.proj")) for n in trains)
@@ -170,15 +176,71 @@ def test_frozen_parameters_get_no_gradient_and_do_not_change_and_the_optimizer_h
     assert all(not torch.equal(p, before[n]) for n, p in model.named_parameters() if n in trains and p.dim() >= 2 and "embed" not in n)
 
 
-def test_stages_follow_the_step_count_and_the_tower_trains_by_default_only_when_random():
-    cfg = dataclasses.replace(TINY, lm_steps=3, align_steps=2, max_steps=10)
-    assert [llava.stage_of(s, cfg) for s in range(10)] == [0, 0, 0, 1, 1, 2, 2, 2, 2, 2]
-    assert llava.tower_trains(cfg) and not llava.tower_trains(dataclasses.replace(cfg, vision_init="x.pt"))
-    assert llava.tower_trains(dataclasses.replace(cfg, vision_init="x.pt", train_vision="1"))
-    assert not llava.tower_trains(dataclasses.replace(cfg, train_vision="0"))
-    # stage 1 trains the tower only when it is random and trains: a CLIP tower aligns frozen
-    assert llava.tower_aligns(cfg) and not llava.tower_aligns(dataclasses.replace(cfg, train_vision="0"))
-    assert not llava.tower_aligns(dataclasses.replace(cfg, vision_init="x.pt", train_vision="1"))
+def test_stages_follow_the_step_count_and_the_tower_trains_by_default_only_when_nothing_trained_it():
+    cfg = dataclasses.replace(TINY, vision_steps=2, lm_steps=3, align_steps=2, max_steps=10)
+    assert [llava.stage_of(s, cfg) for s in range(10)] == [0, 0, 1, 1, 1, 2, 2, 3, 3, 3]
+    # a CLIP tower skips stage 0, and its steps go to stage 3
+    clip_cfg = dataclasses.replace(cfg, vision_init="x.pt")
+    assert [llava.stage_of(s, clip_cfg) for s in range(10)] == [1, 1, 1, 2, 2, 3, 3, 3, 3, 3]
+    assert llava.has_vision_stage(cfg) and not llava.has_vision_stage(clip_cfg)
+    assert not llava.has_vision_stage(dataclasses.replace(cfg, vision_steps=0))
+    # auto: only a tower that neither stage 0 nor clip.py trained learns in stage 3
+    no_stage_0 = dataclasses.replace(cfg, vision_steps=0)
+    assert llava.tower_trains(no_stage_0) and not llava.tower_trains(cfg) and not llava.tower_trains(clip_cfg)
+    assert llava.tower_trains(dataclasses.replace(clip_cfg, train_vision="1"))
+    assert llava.tower_trains(dataclasses.replace(cfg, train_vision="1"))
+    assert not llava.tower_trains(dataclasses.replace(no_stage_0, train_vision="0"))
+    # stage 2 trains the tower only when it is random, trains, and skipped stage 0
+    assert llava.tower_aligns(no_stage_0) and not llava.tower_aligns(dataclasses.replace(no_stage_0, train_vision="0"))
+    assert not llava.tower_aligns(cfg) and not llava.tower_aligns(dataclasses.replace(clip_cfg, train_vision="1"))
+
+
+# ---------------------------------------------------------------- stage 0: the words of the captions
+
+def test_the_vocabulary_keeps_the_most_frequent_words_and_the_targets_mark_each_one_present():
+    captions = ["a red circle", "a red square", "There is a Red circle."]  # a 3, red 3, circle 2, the rest 1
+    assert llava.word_vocabulary(captions) == ["a", "circle", "is", "red", "square", "there"]
+    assert llava.word_vocabulary(captions, max_words=3) == ["a", "circle", "red"]
+    targets = llava.word_targets(["a red red circle", "blue", "RED!"], ["a", "circle", "red"])
+    assert targets.tolist() == [[1, 1, 1], [0, 0, 0], [0, 0, 1]]
+    assert llava.caption_words("Ein grüner Würfel, 3 mal.") == ["ein", "grüner", "würfel", "3", "mal"]
+
+
+def test_captions_without_words_are_one_clear_error_unless_stage_0_is_off(tmp_path):
+    split = llava.shapes_split("train", 40, 16, 0)
+    np.savez(tmp_path / "marks.npz", images=split["images"], captions=np.array(["?!"] * 40))
+    flags = ["--preset", "tiny", "--out_dir", str(tmp_path / "out"), "--data", str(tmp_path / "marks.npz")]
+    with pytest.raises(SystemExit) as e:
+        llava.main(flags)
+    assert str(e.value.code) == (f"error: --data {tmp_path / 'marks.npz'}: its captions hold no words for stage 0 "
+                                 f"to learn; pass --vision_steps 0")
+    assert "test_accuracy_describe" in llava.main(flags + ["--vision_steps", "0"])
+
+
+@given(st.lists(st.lists(st.tuples(st.floats(-30, 30), st.booleans()), min_size=3, max_size=3), min_size=1, max_size=4))
+def test_the_word_loss_is_the_binary_cross_entropy_summed_over_words_and_averaged_over_images(rows):
+    logits = torch.tensor([[s for s, _ in row] for row in rows], dtype=torch.float64)
+    targets = torch.tensor([[float(y) for _, y in row] for row in rows])
+    # -log sigma(s) for a word in the caption, -log(1 - sigma(s)) = -log sigma(-s) for one that is not
+    expected = np.mean([sum(np.logaddexp(0.0, -s if y else s) for s, y in row) for row in rows])
+    assert llava.word_loss(logits, targets).item() == pytest.approx(expected, rel=1e-5, abs=1e-5)
+
+
+def test_a_tiny_tower_learns_the_color_words_of_its_captions():
+    split = llava.shapes_split("train", 64, TINY.image_size, 4)
+    vocabulary = llava.word_vocabulary(split["captions"])
+    model = tiny_model(vision_depth=2, num_words=len(vocabulary))
+    llava.set_trainable(model, 0, False)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    images, targets = llava.images_to_tensor(split["images"]), llava.word_targets(split["captions"], vocabulary)
+    before = llava.word_scores(model, split, vocabulary, CPU)
+    for _ in range(300):
+        optimizer.zero_grad()
+        llava.word_loss(model(None, images), targets).backward()
+        optimizer.step()
+    after = llava.word_scores(model, split, vocabulary, CPU)
+    # one color in five goes unnamed by its caption (CAPTION_NAME_PROB), and chance is 1 in 7
+    assert after["word_loss"] < 0.5 * before["word_loss"] and after["word_accuracy_color"] >= 0.7 > before["word_accuracy_color"]
 
 
 # ---------------------------------------------------------------- the instruction data
@@ -208,7 +270,7 @@ def test_yes_no_questions_are_half_true_and_the_answers_follow_the_attributes():
 
 def test_a_tiny_model_learns_to_answer_the_same_question_about_different_images():
     model = tiny_model(lm_dim=64, lm_heads=4, vision_depth=2)
-    llava.set_trainable(model, 2, True)
+    llava.set_trainable(model, 3, True)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     split = tiny_images(32, seed=3)
     pick = [int(np.flatnonzero(split["attributes"][:, 1] == c)[0]) for c in range(4)]  # four colors
@@ -281,7 +343,8 @@ def test_cli_trains_on_a_grayscale_npz_with_captions_and_labels(tmp_path):
     metrics = llava.main(["--preset", "tiny", "--out_dir", str(tmp_path / "out"), "--data", str(tmp_path / "gray.npz")])
     assert {"test_accuracy_describe", "test_accuracy_class"} <= set(metrics)
     logged = [json.loads(line) for line in open(tmp_path / "out" / "log.jsonl")]
-    assert sum("caption_nll_with_image" in row for row in logged) == 2  # at the end of stages 0 and 1
+    assert sum("caption_nll_with_image" in row for row in logged) == 2  # at the end of stages 1 and 2
+    assert sum("word_loss" in row for row in logged) == 1  # at the end of stage 0
     assert list((tmp_path / "out").glob("answers_test.png"))
 
 
