@@ -1265,27 +1265,27 @@ def train(cfg):
                     logits = run_model(None, images)
                 loss = word_loss(logits, targets.to(rt.device, non_blocking=True))
                 loss.backward()
-                groups, loss = [], loss.detach()
-            elif stage == 3:
-                prompts, answers = instruction_batch(train_split, idx.tolist(), step, cfg.seed, kinds,
-                                                     data.get("class_names"), cfg.batch_size, rt.rank)
+                loss = loss.detach()
             else:
-                prompts, answers = [""] * len(idx), [train_split["captions"][i] for i in idx.tolist()]
-            if stage > 0:
+                if stage == 3:
+                    prompts, answers = instruction_batch(train_split, idx.tolist(), step, cfg.seed, kinds,
+                                                         data.get("class_names"), cfg.batch_size, rt.rank)
+                else:
+                    prompts, answers = [""] * len(idx), [train_split["captions"][i] for i in idx.tolist()]
                 loss = torch.zeros((), device=rt.device)
                 groups = length_groups([len((p + a).encode("utf-8")) for p, a in zip(prompts, answers)])
-            for g, group in enumerate(groups):
-                # Gradient accumulation over the groups; DDP reduces once, after the last.
-                sync = run_model.no_sync() if rt.world_size > 1 and g < len(groups) - 1 else contextlib.nullcontext()
-                ids, labels = encode_examples(tokenizer, [prompts[j] for j in group], [answers[j] for j in group], nv,
-                                              cfg.text_length)
-                images = images_to_tensor(train_images[idx[group]]).to(rt.device, non_blocking=True) if stage > 1 else None
-                with sync:
-                    with rt.autocast():
-                        logits = run_model(ids.to(rt.device, non_blocking=True), images)
-                    part = answer_loss(logits, labels.to(rt.device, non_blocking=True)) * (len(group) / len(idx))
-                    part.backward()
-                loss += part.detach()
+                for g, group in enumerate(groups):
+                    # Gradient accumulation over the groups; DDP reduces once, after the last.
+                    sync = run_model.no_sync() if rt.world_size > 1 and g < len(groups) - 1 else contextlib.nullcontext()
+                    ids, labels = encode_examples(tokenizer, [prompts[j] for j in group], [answers[j] for j in group],
+                                                  nv, cfg.text_length)
+                    images = images_to_tensor(train_images[idx[group]]).to(rt.device, non_blocking=True) if stage > 1 else None
+                    with sync:
+                        with rt.autocast():
+                            logits = run_model(ids.to(rt.device, non_blocking=True), images)
+                        part = answer_loss(logits, labels.to(rt.device, non_blocking=True)) * (len(group) / len(idx))
+                        part.backward()
+                    loss += part.detach()
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
             optimizer.step()
