@@ -257,6 +257,21 @@ def test_no_training_question_names_a_heldout_pair_but_the_heldout_split_asks_ab
     assert {kind for _, kind, _, _ in rows} == set(llava.KINDS) and len(rows) == 40 * len(llava.KINDS)
 
 
+def test_stage_3_asks_each_kind_in_the_proportions_of_the_question_mix():
+    split = llava.shapes_split("train", 64, 16, 0)
+    def kind_of(question):
+        return next(k for k in llava.KINDS for t in llava.QUESTIONS[k] if question[:-1] == t or
+                    ("{" in t and question.startswith(t.split("{")[0])))
+    counts = {k: 0 for k in llava.KINDS}
+    for step in range(200):
+        questions, _ = llava.instruction_batch(split, list(range(64)), step, 0, llava.KINDS, None, 64)
+        for q in questions:
+            counts[kind_of(q)] += 1
+    total = sum(llava.QUESTION_MIX[k] for k in llava.KINDS)
+    for k in llava.KINDS:  # 12800 draws: the binomial standard deviation of a share is below 0.004
+        assert abs(counts[k] / 12800 - llava.QUESTION_MIX[k] / total) < 0.02, (k, counts)
+
+
 def test_yes_no_questions_are_half_true_and_the_answers_follow_the_attributes():
     split = llava.shapes_split("test", 400, 16, 0)
     rows = [r for r in llava.eval_questions("test", split, 0, llava.KINDS) if r[1] == "yes_no"]
