@@ -31,12 +31,13 @@ values (bins 2/255 wide), so -ELBO in bits/dim bounds the same -log2 p(x) per su
 pixel_ar.py reports. Shape legend: B batch, C channels, H W image size, h w latent grid, D code
 dimension, K codebook size, n vectors (B*h*w), T tokens.
 
-Measured (`python vqvae.py`, cpu preset, 2-core CPU alone, 5 min 46 s): reconstructions 28.5 dB
-PSNR, the detector reads 84.8% of them (100% of clean renders); 100% of the codebook used on the
-test split, perplexity 5.8; 64 codes per image; prior 1.00 bits per code on the test split, its
-samples aligned with their class 29.5% of the time (w = 2, temperature 0.7, top-k 4; 17.7% at
-w = 1, temperature 1, all codes). Both the reconstruction (95%) and the alignment (80%) targets
-are not reached yet.
+Measured (`python vqvae.py`, cpu preset, 2-core CPU alone, 5 min 27 s): the tokenizer (1000 steps
+of batch 32) reconstructs at 33.4 dB PSNR and the detector reads 98.2% of its reconstructions (100%
+of clean renders); 100% of the codebook used on the test split, perplexity 5.6; 64 codes per image;
+the prior (width 64, 6000 steps of batch 32) reaches 0.432 bits per code on the test split, and its
+samples are aligned with their class 92.2% of the time (576 samples, w = 1, temperature 0.5, all
+codes; seed 1 and the sampler sweep in the README). The prior is small on purpose: it is limited
+by compute, and at width 128 the same five minutes bought 2400 steps and 80.9%.
 
 Commands:
     python vqvae.py                                 # cpu preset: tokenizer, then prior; writes out/vqvae/
@@ -94,25 +95,25 @@ class Config:
     kmeans_init: bool = True  # initialise the codebook by k-means++ on the first batch's encodings
     l2_normalize: bool = False  # quantize l2-normalised vectors against l2-normalised codes (cosine distance)
     # prior
-    prior_dim: int = 128  # width of the prior's Transformer
+    prior_dim: int = 64  # width of the prior's Transformer
     prior_depth: int = 4  # Transformer blocks of the prior
     prior_heads: int = 4  # attention heads of the prior
-    prior_steps: int = 600  # optimizer steps of the prior, after the tokenizer's max_steps (vq only)
+    prior_steps: int = 6000  # optimizer steps of the prior, after the tokenizer's max_steps (vq only)
     prior_lr: float = 2e-3  # peak learning rate of the prior
-    prior_batch_size: int = 64  # global batch size of the prior (split across DDP ranks)
+    prior_batch_size: int = 32  # global batch size of the prior (split across DDP ranks)
     p_uncond: float = 0.1  # probability of replacing the class token by the null class (for CFG)
-    cfg_w: float = 2.0  # guidance weight w in logits = (1 + w) cond - w uncond
-    temperature: float = 0.7  # sampling temperature of the prior (0: argmax)
-    top_k: int = 4  # sample among the k most likely codes (0: all)
+    cfg_w: float = 1.0  # guidance weight w in logits = (1 + w) cond - w uncond
+    temperature: float = 0.5  # sampling temperature of the prior (0: argmax)
+    top_k: int = 0  # sample among the k most likely codes (0: all)
     # evaluation
-    eval_per_class: int = 16  # prior samples per class for the alignment score and the grid
+    eval_per_class: int = 32  # prior samples per class for the alignment score and the grid
     # data
     data: str = "shapes"  # 'shapes' (built-in world) or a path to an .npz file with images (and labels)
     n_train: int = 20000  # shapes images rendered for training
     n_test: int = 2000  # shapes images rendered for the test split (and the heldout split)
     # optim
-    max_steps: int = 600  # optimizer steps of the tokenizer; also the length of its cosine schedule
-    batch_size: int = 16  # global batch size of the tokenizer (split across DDP ranks)
+    max_steps: int = 1000  # optimizer steps of the tokenizer; also the length of its cosine schedule
+    batch_size: int = 32  # global batch size of the tokenizer (split across DDP ranks)
     lr: float = 2e-3  # peak learning rate of the tokenizer
     min_lr: float = 1e-4  # learning rate at the end of each cosine decay
     warmup_steps: int = 30  # linear warm-up steps of each stage
@@ -600,6 +601,23 @@ class CausalTransformer(nn.Module):
         return 6 * matmul + 12 * len(self.blocks) * self.token_embed.weight.shape[1] * seq_len
 
 
+class GridPositions(nn.Module):
+    """Position of slot s = the code it predicts, k_{s+1} (row s // w, column s % w of the grid),
+    embedded as row + column. "The code above" is then the same relation at every slot: with one
+    table of h*w rows the prior has to learn it for each slot apart. Measured on the default
+    tokenizer, 1600 prior steps at width 128: 0.585 bits per code and 77.8% aligned samples,
+    against 0.644 and 66.7% with one table."""
+
+    def __init__(self, width, dim):
+        super().__init__()
+        self.width = width
+        self.row = nn.Embedding(width, dim)  # the grid is square: h = w rows
+        self.column = nn.Embedding(width, dim)
+
+    def forward(self, positions):
+        return self.row(positions // self.width) + self.column(positions % self.width)  # (B, T, D)
+
+
 # ----------------------------------------------------------------------------------------------
 # The model
 # ----------------------------------------------------------------------------------------------
@@ -625,10 +643,10 @@ def build_model(cfg, in_channels=3):
 
 def build_prior(cfg, num_classes):
     """The prior over the h*w codes: input ids [K codes | num_classes class tokens | null class],
-    a head over the K codes only (class tokens are read, never predicted)."""
-    tokens = (cfg.image_size // cfg.downsample) ** 2
-    return CausalTransformer(cfg.num_codes + num_classes + 1, tokens, cfg.prior_dim, cfg.prior_depth, cfg.prior_heads,
-                             num_outputs=cfg.num_codes)
+    a head over the K codes only (class tokens are read, never predicted), grid positions."""
+    grid = cfg.image_size // cfg.downsample
+    return CausalTransformer(cfg.num_codes + num_classes + 1, grid * grid, cfg.prior_dim, cfg.prior_depth,
+                             cfg.prior_heads, num_outputs=cfg.num_codes, pos_embed=GridPositions(grid, cfg.prior_dim))
 
 
 # ----------------------------------------------------------------------------------------------

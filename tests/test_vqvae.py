@@ -347,6 +347,18 @@ def test_prior_input_is_the_class_token_then_the_codes_shifted_by_one():
     assert inputs.tolist() == [[10, 3, 1, 4], [12, 5, 9, 2]]
 
 
+def test_grid_positions_embed_the_row_and_column_of_the_predicted_code():
+    torch.manual_seed(0)
+    width, dim = 3, 5
+    positions = vqvae.GridPositions(width, dim)
+    out = positions(torch.arange(width * width)[None])  # (1, 9, D)
+    for slot in range(width * width):
+        row, column = divmod(slot, width)
+        assert torch.equal(out[0, slot], positions.row.weight[row] + positions.column.weight[column])
+    cfg = vqvae.Config(**vqvae.PRESETS["tiny"])
+    assert isinstance(vqvae.build_prior(cfg, 5).pos_embed, vqvae.GridPositions)
+
+
 def test_prior_tokens_decode_to_images_of_the_right_shape():
     torch.manual_seed(0)
     cfg, model = tiny_autoencoder()
