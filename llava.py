@@ -850,7 +850,7 @@ def cfg_logits(cond, uncond, w):
 # Copied from pixel_ar.generate
 @torch.no_grad()
 def generate(model, prompt, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, cfg_w=0.0, null_prompt=None,
-             prompt_mask=None, allowed=None, eos_id=None, use_cache=True, generator=None):
+             prompt_mask=None, allowed=None, eos_id=None, positions=None, use_cache=True, generator=None):
     """Sample max_new_tokens ids after each prompt; returns the new ids (B, max_new_tokens).
 
     prompt: ids (B, P) long or input embeddings (B, P, D) float. null_prompt: the same shape, the
@@ -858,8 +858,11 @@ def generate(model, prompt, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0,
         token is fed to both halves). prompt_mask: (B, P) bool, False = left padding (it applies to
         the null prompt too). allowed: (>= P + max_new_tokens, K) bool, allowed[i] = the ids the token
         at slot i of the sequence may take, applied after guidance. eos_id: once a sample emits it,
-        its later tokens are eos_id; generation stops when every sample has. use_cache=False
-        recomputes the whole sequence at every step: the reference path, with the same tokens.
+        its later tokens are eos_id; generation stops when every sample has. positions: (1 or B,
+        >= P + max_new_tokens - 1) the position ids of the slots the model reads, for a model whose
+        positions are not 0, 1, ... (default: with prompt_mask, each sample's count of real tokens
+        before the slot; else the model's own 0, 1, ...). use_cache=False recomputes the whole
+        sequence at every step: the reference path, with the same tokens.
     The model runs in eval mode (restored afterwards); wrap the call in autocast for low precision.
     """
     B, P = prompt.shape[:2]
@@ -871,11 +874,14 @@ def generate(model, prompt, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0,
     if guided and null_prompt is None:
         raise ValueError("cfg_w != 0 needs a null_prompt")
     seq = torch.cat([prompt, null_prompt]) if guided else prompt  # (B2, P) or (B2, P, D)
-    key_mask = positions = None
+    if positions is not None and guided and len(positions) > 1:
+        positions = torch.cat([positions, positions])  # (B2, length)
+    key_mask = None
     if prompt_mask is not None:
         mask = torch.cat([prompt_mask, prompt_mask]) if guided else prompt_mask
         key_mask = torch.cat([mask, mask.new_ones(len(mask), max_new_tokens)], dim=1)  # (B2, P + max_new_tokens)
-        positions = (key_mask.long().cumsum(dim=1) - 1).clamp_min(0)  # (B2, length)
+        if positions is None:
+            positions = (key_mask.long().cumsum(dim=1) - 1).clamp_min(0)  # (B2, length)
     pos = (lambda lo, hi: None if positions is None else positions[:, lo:hi])  # noqa: E731
     new = torch.zeros(B, max_new_tokens, dtype=torch.long, device=seq.device)
     finished = torch.zeros(B, dtype=torch.bool, device=seq.device)

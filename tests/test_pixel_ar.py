@@ -208,6 +208,29 @@ def test_cached_generation_equals_recompute_token_for_token(seed, temperature, t
 
 
 @settings(max_examples=10)
+@given(seed=st.integers(0, 2**16), cfg_w=st.sampled_from([0.0, 1.5]), per_sample=st.booleans())
+def test_generation_reads_the_positions_it_is_given_at_every_slot(seed, cfg_w, per_sample):
+    model = random_model(seed, scale=0.5)
+    g = torch.Generator().manual_seed(seed)
+    prompt, null = torch.randint(0, 256, (2, 3), generator=g), torch.full((2, 3), 299)
+    kw = dict(temperature=0.0, cfg_w=cfg_w, null_prompt=null)
+    default = pa.generate(model, prompt, 10, **kw)
+    assert torch.equal(default, pa.generate(model, prompt, 10, positions=torch.arange(12)[None], **kw))
+    shuffled = torch.randperm(model.max_len, generator=g)[:12].expand(2, -1)
+    positions = shuffled.clone() if per_sample else shuffled[:1]
+    if per_sample:
+        positions[1] = positions[1].flip(0)
+    cached = pa.generate(model, prompt, 10, positions=positions, **kw)
+    assert torch.equal(cached, pa.generate(model, prompt, 10, positions=positions, use_cache=False, **kw))
+    seq = torch.cat([prompt, cached], dim=1)  # greedy: each new token is the argmax of the model at those positions
+    logits = pa.cfg_logits(model(seq[:, :-1], positions.expand(2, -1)),
+                           model(torch.cat([null, cached[:, :-1]], 1), positions.expand(2, -1)), cfg_w)
+    assert torch.equal(logits[:, 2:].argmax(-1), cached)
+    mask = torch.ones_like(prompt, dtype=torch.bool)  # given positions win over the prompt mask's
+    assert torch.equal(cached, pa.generate(model, prompt, 10, positions=positions, prompt_mask=mask, **kw))
+
+
+@settings(max_examples=10)
 @given(seed=st.integers(0, 2**16), lengths=st.lists(st.integers(1, 6), min_size=2, max_size=4))
 def test_a_left_padded_batch_generates_what_each_prompt_generates_alone(seed, lengths):
     model = random_model(seed, scale=0.5)

@@ -191,6 +191,46 @@ def test_every_real_sequence_is_allowed_by_its_mask_and_slots_hold_their_kind(se
     assert (allowed[kinds == vg.FIXED].sum(1) == 1).all()
 
 
+@given(text_len=st.integers(3, 20), grid=st.integers(1, 5))
+def test_each_slot_reads_the_role_of_the_token_it_predicts_alike_in_both_orders(text_len, grid):
+    n_img = grid * grid
+    roles = {}
+    for image_first in (False, True):
+        ids = vg.role_ids(text_len, n_img, image_first)
+        kinds = vg.slot_kinds(text_len, n_img, image_first)
+        seq = vg.build_sequences(torch.arange(text_len)[None], vg.code_ids(torch.arange(n_img))[None],
+                                 torch.tensor([image_first]))[0]  # caption slot j holds j, code n holds n
+        assert len(ids) == len(seq) - 1 == vg.sequence_length(text_len, n_img) - 1
+        for s, role in enumerate(ids.tolist()):  # slot s predicts the token at s + 1
+            target = int(seq[s + 1])
+            if kinds[s + 1] == vg.IMAGE:
+                assert role == text_len + 2 + int(vg.id_codes(seq[s + 1]))
+            elif target in (vg.BOI_ID, vg.EOI_ID):
+                assert role == text_len + (target == vg.EOI_ID)
+            else:
+                assert role == target  # caption slot j, BOS (j = 0) included
+            roles.setdefault(role, set()).add(image_first)
+    # every role occurs in both orders but those of the tokens that open a sequence, never predicted there
+    only = {0: {True}, text_len: {False}}  # BOS is predicted only after an image, BOI only after a caption
+    assert len(roles) == text_len + 2 + n_img and all(both == only.get(r, {False, True}) for r, both in roles.items())
+
+
+@given(seed=st.integers(0, 2**16), text_len=st.integers(3, 12), grid=st.integers(1, 4))
+def test_role_positions_embed_codes_as_row_plus_column_and_text_roles_by_their_own_rows(seed, text_len, grid):
+    torch.manual_seed(seed)
+    pos = vg.RolePositions(text_len, grid, 8)
+    roles = torch.arange(text_len + 2 + grid * grid)[None]
+    out = pos(roles)[0]
+    for r in roles[0].tolist():
+        if r < text_len + 2:
+            expected = pos.text.weight[r]
+        else:
+            n = r - text_len - 2
+            expected = pos.row.weight[n // grid] + pos.column.weight[n % grid]
+        torch.testing.assert_close(out[r], expected)
+    assert isinstance(vg.build_prior(TINY).pos_embed, vg.RolePositions)
+
+
 @settings(max_examples=6)  # each example samples whole sequences
 @given(seed=st.integers(0, 2**16), image_first=st.booleans(), cfg_w=st.sampled_from([0.0, 2.0]))
 def test_under_the_logit_mask_text_slots_never_sample_image_ids_and_image_slots_never_text_ids(seed, image_first, cfg_w):
@@ -264,8 +304,9 @@ def test_cached_generation_equals_recompute(image_first, seed):
         prompt = torch.cat([vg.caption_region(["a red circle", "a square", ""], L), torch.full((3, 1), vg.BOI_ID)], 1)
         null = torch.cat([vg.caption_region([""] * 3, L), torch.full((3, 1), vg.BOI_ID)], 1)
         kwargs = dict(cfg_w=1.5, null_prompt=null, top_k=5)
-    runs = [vg.generate(prior, prompt, prior.max_len - prompt.shape[1], 1.0, allowed=allowed, use_cache=c,
-                        generator=torch.Generator().manual_seed(seed), **kwargs) for c in (True, False)]
+    positions = vg.prior_positions(TINY, image_first)[None]
+    runs = [vg.generate(prior, prompt, prior.max_len - prompt.shape[1], 1.0, allowed=allowed, positions=positions,
+                        use_cache=c, generator=torch.Generator().manual_seed(seed), **kwargs) for c in (True, False)]
     assert torch.equal(runs[0], runs[1])
 
 
@@ -302,8 +343,9 @@ def test_prior_learns_which_image_follows_which_caption():
     seq = vg.build_sequences(text, vg.code_ids(codes), order)
     allowed = vg.allowed_ids(L, N_IMG, 16, False)[1:].expand(2, -1, -1)
     kinds = vg.slot_kinds(L, N_IMG, False)[1:].expand(2, -1)
+    positions = vg.prior_positions(TINY, False)[None]
     for _ in range(60):
-        loss = vg.prior_loss(prior(seq[:, :-1]), seq[:, 1:], allowed, kinds, 0.125)[0]
+        loss = vg.prior_loss(prior(seq[:, :-1], positions), seq[:, 1:], allowed, kinds, 0.125)[0]
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -336,6 +378,22 @@ def test_compare_reads_a_vqvae_checkpoint_and_reports_both_tokenizers(tmp_path):
     assert set(metrics["comparison"]) == {"vqvae", "vqgan"}
     assert {"psnr_db", "l1", "gradient_energy_ratio", "detector_accuracy"} <= set(metrics["comparison"]["vqgan"])
     assert (tmp_path / "out" / "compare.png").exists()
+
+
+def test_the_two_commands_of_the_readme_equal_the_one_run_bitwise(tmp_path):
+    """--stop_step at the end of the tokenizer's phase, then --resume: the prior's phase starts by
+    tokenizing the training set with the restored tokenizer. The first command skips the prior's
+    evaluation (it has not trained)."""
+    common = ["--log_every", 1]
+    first = vg.main(tiny_args(tmp_path / "a", *common, "--stop_step", TINY.max_steps))
+    assert "recon_detector_accuracy" in first and not any(k.startswith(("t2i", "caption")) for k in first)
+    resumed = vg.main(tiny_args(tmp_path / "a", *common, "--resume", tmp_path / "a" / "ckpt.pt"))
+    straight = vg.main(tiny_args(tmp_path / "b", *common))
+    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in "ab")
+    assert a["step"] == b["step"] == TINY.max_steps + TINY.prior_steps
+    for key in ("model", "discriminator", "prior"):
+        assert all(torch.equal(v, b[key][k]) for k, v in a[key].items()), key
+    assert resumed["t2i_seen"] == straight["t2i_seen"] and resumed["final_loss"] == straight["final_loss"]
 
 
 # ---------------------------------------------------------------- bad inputs
