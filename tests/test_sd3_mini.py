@@ -333,20 +333,83 @@ def tiny_run(tmp_path_factory):
     return out / "ckpt.pt"
 
 
-def test_resume_at_the_boundary_of_the_two_stages_equals_the_uninterrupted_run(tiny_run, tmp_path):
-    boundary = sd3.PRESETS["tiny"]["ae_steps"]
-    sd3.main(tiny_args(tmp_path, "--stop_step", boundary))
-    sd3.main(tiny_args(tmp_path, "--resume", tmp_path / "ckpt.pt"))
+@pytest.mark.parametrize("stage", ["autoencoder", "clip"])
+def test_resume_at_the_end_of_a_stage_equals_the_uninterrupted_run(tiny_run, tmp_path, stage):
+    """The README's two commands stop at the end of stage 1b; a run stopped before the flow's first
+    step reports no alignment (there is no flow to sample from yet), and the second command's
+    metrics keep stage 1b's zero-shot check."""
+    boundary = sd3.PRESETS["tiny"]["ae_steps"] + (sd3.PRESETS["tiny"]["clip_steps"] if stage == "clip" else 0)
+    first = sd3.main(tiny_args(tmp_path, "--stop_step", boundary))
+    assert "alignment" not in first and ("clip_zero_shot" in first) == (stage == "clip")
+    second = sd3.main(tiny_args(tmp_path, "--resume", tmp_path / "ckpt.pt"))
+    assert "alignment" in second and second["clip_zero_shot"] == torch.load(tiny_run, weights_only=True)["clip_zero_shot"]
     a, b = torch.load(tmp_path / "ckpt.pt", weights_only=True), torch.load(tiny_run, weights_only=True)
     assert a["latent_stats"] == b["latent_stats"]
-    for key in ("model", "ema", "autoencoder"):
+    for key in ("model", "ema", "autoencoder", "latent_clip"):
         assert all(torch.equal(v, b[key][k]) for k, v in a[key].items()), key
+
+
+def test_stage_1b_trains_the_clip_text_tower_and_the_flow_keeps_it_frozen(tiny_run, tmp_path):
+    """Stage 1b's text tower is the flow model's (and its EMA's) CLIP tower, unchanged by the flow
+    steps; stage 1b did train it; the T5-role encoder and the MM-DiT train in the flow."""
+    sd3.main(tiny_args(tmp_path, "--stop_step", sd3.PRESETS["tiny"]["ae_steps"]))
+    before = torch.load(tmp_path / "ckpt.pt", weights_only=True)  # the end of stage 1
+    after = torch.load(tiny_run, weights_only=True)
+    trained = {k[len("text_encoder."):]: v for k, v in after["latent_clip"].items() if k.startswith("text_encoder.")}
+    for key in ("model", "ema"):
+        tower = {k[len("clip_text."):]: v for k, v in after[key].items() if k.startswith("clip_text.")}
+        assert tower.keys() == trained.keys() and all(torch.equal(v, trained[k]) for k, v in tower.items()), key
+    assert not all(torch.equal(v, before["latent_clip"][k]) for k, v in after["latent_clip"].items())
+    for prefix in ("t5_text.", "dit."):
+        assert not all(torch.equal(v, before["model"][k]) for k, v in after["model"].items() if k.startswith(prefix))
+
+
+def test_clip_init_from_this_files_checkpoint_loads_its_stage_1b_tower_and_refuses_an_earlier_one(tiny_run, tmp_path):
+    """The ablations rerun the flow on the default run's frozen tower: --clip_init (and --ae_init) of
+    a checkpoint of this file skip stages 1b (and 1); a checkpoint from before stage 1b ended has
+    no pretrained tower yet, which is one clear error."""
+    metrics = sd3.main(tiny_args(tmp_path / "again", "--clip_init", tiny_run, "--ae_init", tiny_run))
+    a, b = torch.load(tiny_run, weights_only=True), torch.load(tmp_path / "again" / "ckpt.pt", weights_only=True)
+    assert b["step"] == sd3.PRESETS["tiny"]["max_steps"] and "clip_zero_shot" not in metrics
+    assert all(torch.equal(v, a["model"][k]) for k, v in b["model"].items() if k.startswith("clip_text."))
+    sd3.main(tiny_args(tmp_path / "early", "--stop_step", sd3.PRESETS["tiny"]["ae_steps"] + 1))
+    with pytest.raises(sd3.InputError, match="no pretrained CLIP tower yet"):
+        sd3.load_clip_text_tower(str(tmp_path / "early" / "ckpt.pt"), 56)
+
+
+def test_zero_shot_accuracy_reads_labels_as_shape_times_seven_plus_color():
+    """With an image tower that returns the text embedding of each latent's own caption, every
+    latent is classified right, and a shuffled label is wrong."""
+    cfg = tiny_cfg()
+    clip = sd3.build_latent_clip(cfg, 3)
+    names = [f"a {color} {shape}" for shape in sd3.SHAPES for color in sd3.COLOR_NAMES]
+    table = clip.text_encoder(caption_ids(names)).detach()  # (21, E)
+
+    class OwnCaption(torch.nn.Module):  # a "latent" is its label in the first value
+        def forward(self, z):
+            return table[z[:, 0, 0, 0].long()]
+
+    clip.image_encoder = OwnCaption()
+    labels = np.array([0, 6, 7, 13, 20, 11])
+    latents = torch.zeros(len(labels), 4, 2, 2)
+    latents[:, 0, 0, 0] = torch.as_tensor(labels, dtype=torch.float32)
+    assert sd3.zero_shot_accuracy(clip, latents, labels, 56) == 1.0
+    assert sd3.zero_shot_accuracy(clip, latents, labels[::-1].copy(), 56) == 0.0
+
+
+@given(st.integers(1, 6), st.integers(2, 12).map(lambda n: 2 * n))
+def test_sincos_positions_embed_the_row_in_the_first_half_and_the_column_in_the_second(grid, dim):
+    table = sd3.sincos_2d(grid, dim).view(grid, grid, dim)  # (row, column, D)
+    rows = sd3.timestep_embedding(torch.arange(grid), dim // 2)
+    cols = sd3.timestep_embedding(torch.arange(grid), dim // 2)
+    assert torch.allclose(table[:, :, :dim // 2], rows[:, None].expand(grid, grid, -1))
+    assert torch.allclose(table[:, :, dim // 2:], cols[None].expand(grid, grid, -1))
 
 
 def test_ae_init_from_a_checkpoint_of_this_file_skips_stage_one_and_keeps_the_autoencoder(tiny_run, tmp_path):
     sd3.main(tiny_args(tmp_path, "--ae_init", tiny_run))
     a, b = torch.load(tiny_run, weights_only=True), torch.load(tmp_path / "ckpt.pt", weights_only=True)
-    assert b["step"] == sd3.PRESETS["tiny"]["max_steps"]  # no autoencoder steps
+    assert b["step"] == sd3.PRESETS["tiny"]["clip_steps"] + sd3.PRESETS["tiny"]["max_steps"]  # no autoencoder steps
     assert all(torch.equal(v, a["autoencoder"][k]) for k, v in b["autoencoder"].items())
 
 
@@ -385,6 +448,7 @@ def test_cli_trains_on_a_grayscale_npz_with_captions_and_writes_samples(tmp_path
     (["--context_length", "20"], "--context_length 20: a text of"),
     (["--clip_init", "missing.pt"], "--clip_init missing.pt: no such file"),
     (["--ae_init", "missing.pt"], "--ae_init missing.pt: no such file"),
+    (["--clip_batch_size", "1000"], "--clip_batch_size 1000 is larger than the 128 training pairs"),
 ])
 def test_bad_flags_are_one_clear_error(tmp_path, flags, message):
     with pytest.raises(SystemExit) as e:
