@@ -1402,12 +1402,14 @@ def train(cfg):
             model.clip_text.requires_grad_(False)  # SD3 keeps its pretrained text encoders frozen
         ema = copy.deepcopy(model).requires_grad_(False)
         ae = build_autoencoder(cfg, data["channels"]).to(rt.device) if cfg.space == "latent" else None
+        ae_steps = cfg.ae_steps if ae is not None and not cfg.ae_init else 0  # stage 1 unless loaded
+        flow_start = ae_steps + clip_steps
         if cfg.eval_only:
             if ckpt is None:
                 raise InputError("--eval_only 1 needs --resume path/to/ckpt.pt")
-            if ckpt["latent_stats"] is None:
-                raise InputError(f"--resume {cfg.resume}: written in stage 1 (step {ckpt['step']}), before the flow; "
-                                 f"resume training without --eval_only first")
+            if ckpt["step"] <= flow_start:
+                raise InputError(f"--resume {cfg.resume}: written in stage 1 or 1b (step {ckpt['step']}), before the "
+                                 f"flow; resume training without --eval_only first")
             ema.load_state_dict(ckpt["ema"])
             if ae is not None:
                 ae.load_state_dict(ckpt["autoencoder"])
@@ -1445,8 +1447,6 @@ def train(cfg):
                      f"{len(train_ids)} training pairs, device {rt.device}, {'bf16' if rt.amp_dtype else 'fp32'}"
                      f"{', compiled' if rt.compile else ''}, world size {rt.world_size}")
         train_images = torch.as_tensor(data["train"]["images"])
-        ae_steps = cfg.ae_steps if ae is not None and not cfg.ae_init else 0  # stage 1 unless loaded
-        flow_start = ae_steps + clip_steps
         total = flow_start + cfg.max_steps
         end = min(cfg.stop_step, total) if cfg.stop_step else total
         bounds = {"autoencoder": (0, ae_steps), "clip": (ae_steps, flow_start), "flow": (flow_start, total)}

@@ -336,11 +336,13 @@ def tiny_run(tmp_path_factory):
 @pytest.mark.parametrize("stage", ["autoencoder", "clip"])
 def test_resume_at_the_end_of_a_stage_equals_the_uninterrupted_run(tiny_run, tmp_path, stage):
     """The README's two commands stop at the end of stage 1b; a run stopped before the flow's first
-    step reports no alignment (there is no flow to sample from yet), and the second command's
-    metrics keep stage 1b's zero-shot check."""
+    step reports no alignment and cannot be evaluated (there is no flow to sample from yet), and
+    the second command's metrics keep stage 1b's zero-shot check."""
     boundary = sd3.PRESETS["tiny"]["ae_steps"] + (sd3.PRESETS["tiny"]["clip_steps"] if stage == "clip" else 0)
     first = sd3.main(tiny_args(tmp_path, "--stop_step", boundary))
     assert "alignment" not in first and ("clip_zero_shot" in first) == (stage == "clip")
+    with pytest.raises(SystemExit, match="before the flow; resume training without --eval_only first"):
+        sd3.main(tiny_args(tmp_path / "eval", "--eval_only", 1, "--resume", tmp_path / "ckpt.pt"))
     second = sd3.main(tiny_args(tmp_path, "--resume", tmp_path / "ckpt.pt"))
     assert "alignment" in second and second["clip_zero_shot"] == torch.load(tiny_run, weights_only=True)["clip_zero_shot"]
     a, b = torch.load(tmp_path / "ckpt.pt", weights_only=True), torch.load(tiny_run, weights_only=True)
