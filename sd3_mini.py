@@ -68,8 +68,8 @@ Commands:
     torchrun --standalone --nproc_per_node=4 sd3_mini.py --preset gpu    # DDP; --batch_size is global
     python sd3_mini.py --eval_only 1 --resume out/sd3_mini/ckpt.pt --cfg_w 1 --solver heun   # re-sample
     python sd3_mini.py --clip_init out/clip/ckpt.pt                      # frozen CLIP text tower of clip.py
-    python sd3_mini.py --ae_init out/sd3_mini/ckpt.pt --clip_init out/sd3_mini/ckpt.pt --shift 1 --out_dir o/s1
-                                                    # the flow again on the same frozen stages, shift off
+    # the flow again on the same frozen stages 1 and 1b, with the timestep shift off:
+    python sd3_mini.py --ae_init out/sd3_mini/ckpt.pt --clip_init out/sd3_mini/ckpt.pt --shift 1 --out_dir out/sd3_shift1
     python sd3_mini.py --space pixel --patch_size 8 --clip_init out/sd3_mini/ckpt.pt --out_dir out/sd3_pixel  # pixels
 """
 
@@ -1350,6 +1350,8 @@ def validate_config(cfg, data):
                              f"{getattr(cfg, f'{name}_heads')}")
     if cfg.context_length < 3:
         raise InputError(f"--context_length {cfg.context_length}: needs room for BOS, one byte and EOS (3 or more)")
+    if cfg.pos_embed not in ("sincos", "learned"):
+        raise InputError(f"--pos_embed {cfg.pos_embed}: expected sincos or learned")
     if cfg.t_schedule not in ("uniform", "logit_normal"):
         raise InputError(f"--t_schedule {cfg.t_schedule}: expected logit_normal or uniform")
     for solver in [cfg.solver] + parse_list(cfg.eval_solvers, str, "eval_solvers"):

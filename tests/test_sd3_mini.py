@@ -373,7 +373,8 @@ def test_clip_init_from_this_files_checkpoint_loads_its_stage_1b_tower_and_refus
     metrics = sd3.main(tiny_args(tmp_path / "again", "--clip_init", tiny_run, "--ae_init", tiny_run))
     a, b = torch.load(tiny_run, weights_only=True), torch.load(tmp_path / "again" / "ckpt.pt", weights_only=True)
     assert b["step"] == sd3.PRESETS["tiny"]["max_steps"] and "clip_zero_shot" not in metrics
-    assert all(torch.equal(v, a["model"][k]) for k, v in b["model"].items() if k.startswith("clip_text."))
+    tower = {k: v for k, v in b["model"].items() if k.startswith("clip_text.")}
+    assert tower and all(torch.equal(v, a["model"][k]) for k, v in tower.items())
     sd3.main(tiny_args(tmp_path / "early", "--stop_step", sd3.PRESETS["tiny"]["ae_steps"] + 1))
     with pytest.raises(sd3.InputError, match="no pretrained CLIP tower yet"):
         sd3.load_clip_text_tower(str(tmp_path / "early" / "ckpt.pt"), 56)
@@ -381,7 +382,7 @@ def test_clip_init_from_this_files_checkpoint_loads_its_stage_1b_tower_and_refus
 
 def test_zero_shot_accuracy_reads_labels_as_shape_times_seven_plus_color():
     """With an image tower that returns the text embedding of each latent's own caption, every
-    latent is classified right, and a shuffled label is wrong."""
+    latent is classified right, and with the labels reversed (each one another pair's) none is."""
     cfg = tiny_cfg()
     clip = sd3.build_latent_clip(cfg, 3)
     names = [f"a {color} {shape}" for shape in sd3.SHAPES for color in sd3.COLOR_NAMES]
@@ -402,10 +403,9 @@ def test_zero_shot_accuracy_reads_labels_as_shape_times_seven_plus_color():
 @given(st.integers(1, 6), st.integers(2, 12).map(lambda n: 2 * n))
 def test_sincos_positions_embed_the_row_in_the_first_half_and_the_column_in_the_second(grid, dim):
     table = sd3.sincos_2d(grid, dim).view(grid, grid, dim)  # (row, column, D)
-    rows = sd3.timestep_embedding(torch.arange(grid), dim // 2)
-    cols = sd3.timestep_embedding(torch.arange(grid), dim // 2)
-    assert torch.allclose(table[:, :, :dim // 2], rows[:, None].expand(grid, grid, -1))
-    assert torch.allclose(table[:, :, dim // 2:], cols[None].expand(grid, grid, -1))
+    index = sd3.timestep_embedding(torch.arange(grid), dim // 2)  # (grid, D/2): the sin-cos of 0..grid-1
+    assert torch.allclose(table[:, :, :dim // 2], index[:, None].expand(grid, grid, -1))  # depends on the row only
+    assert torch.allclose(table[:, :, dim // 2:], index[None].expand(grid, grid, -1))  # on the column only
 
 
 def test_ae_init_from_a_checkpoint_of_this_file_skips_stage_one_and_keeps_the_autoencoder(tiny_run, tmp_path):
@@ -446,6 +446,7 @@ def test_cli_trains_on_a_grayscale_npz_with_captions_and_writes_samples(tmp_path
     (["--image_size", "20"], "--image_size 20 is not divisible by --downsample x --patch_size = 8"),
     (["--solver", "rk4"], "solver 'rk4' (--solver, --eval_solvers)"),
     (["--t_schedule", "cosine"], "--t_schedule cosine: expected logit_normal or uniform"),
+    (["--pos_embed", "rope"], "--pos_embed rope: expected sincos or learned"),
     (["--ae_steps", "0"], "--ae_steps 0 leaves the latent space untrained"),
     (["--context_length", "20"], "--context_length 20: a text of"),
     (["--clip_init", "missing.pt"], "--clip_init missing.pt: no such file"),
