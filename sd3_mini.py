@@ -51,17 +51,17 @@ batch. Images are float (B, C, H, W) in [-1, 1]; uint8 (N, H, W, C) on disk. Tex
 [EOS] [PAD]... Shape legend: B batch, C channels the flow sees, H W its size, P patch, N image
 tokens, T text bytes, D width, nh heads, hd head width, E pooled width.
 
-Measured (cpu preset, 2-core CPU alone, the README's two commands: 3 min 14 s + 8 min 50 s):
-autoencoder 31.0 dB PSNR on the test split (the detector reads 93.8% of its reconstructions);
+Measured (cpu preset, 2-core CPU alone, the README's two commands: 4 min 16 s + 9 min 11 s):
+autoencoder 33.0 dB PSNR on the test split (the detector reads 97.4% of its reconstructions);
 stage 1b's text tower names the (shape, color) of 99.9% of the test latents zero-shot; the flow
-(width 96, 7000 steps of batch 32, 65 ms/step) gives what prompts on seen pairs ask for in 84.4%
-of samples naming shape and color ("a red circle"; 87.7% with Heun at 27 NFE) and 89.2% of
-samples naming all four attributes (Euler 28 steps, w = 3, shift 3; 576 samples each); color,
-size and position are right in 99.5-100%, what is left is shape. Trained with the flow instead
-of in stage 1b, the text tower learned only the colors (README, with the probes behind each choice).
+(width 96, 7000 steps of batch 32, 69 ms/step) gives what prompts on seen pairs ask for in 81.6%
+of samples naming shape and color ("a red circle") and 88.2% of samples naming all four
+attributes (Euler 28 steps, w = 3, shift 3; 576 samples each; seed 1: 83.0% and 89.9%); color,
+size and position are right in 99-100%, what is left is shape. Trained with the flow instead of
+in stage 1b, the text tower learned only the colors (README, with the probes behind each choice).
 
 Commands:
-    python sd3_mini.py --stop_step 3000             # stages 1 and 1b (autoencoder, text tower) into out/sd3_mini/
+    python sd3_mini.py --stop_step 3500             # stages 1 and 1b (autoencoder, text tower) into out/sd3_mini/
     python sd3_mini.py --resume out/sd3_mini/ckpt.pt                     # stage 2, the flow, and the evaluation
     python sd3_mini.py                              # the same schedule in one command
     python sd3_mini.py --preset gpu                 # one GPU: bf16 autocast and torch.compile
@@ -133,7 +133,7 @@ class Config:
     ae_res_blocks: int = 1  # residual blocks per resolution level
     latent_channels: int = 4  # C: channels of the latent grid
     kl_weight: float = 1e-3  # weight of KL(q(z|x) || N(0, I)) per subpixel next to the reconstruction error
-    ae_steps: int = 1000  # optimizer steps of the autoencoder before the flow (skipped with --ae_init or --space pixel)
+    ae_steps: int = 1500  # optimizer steps of the autoencoder before the flow (skipped with --ae_init or --space pixel)
     ae_batch_size: int = 64  # global batch of the autoencoder (stage 1)
     ae_lr: float = 5e-3  # peak learning rate of the autoencoder
     ae_init: str = ""  # a vqvae.py (gaussian) or sd3_mini.py checkpoint whose autoencoder to load instead of stage 1
