@@ -203,7 +203,7 @@ PRESETS = {
                 t5_dim=256, t5_depth=4, t5_heads=4, ae_channels=64, ae_res_blocks=2, latent_channels=8,
                 ae_steps=5000, ae_batch_size=256, clip_steps=3000, clip_batch_size=1024, clip_lr=1e-3, n_train=100000,
                 n_test=10000, max_steps=20000, batch_size=256, lr=5e-4, ae_lr=5e-4, min_lr=1e-5, warmup_steps=500,
-                ema_decay=0.9999, log_every=100, ckpt_every=2000),
+                ema_decay=0.9999, log_every=100, ckpt_every=2000, eval_solvers="euler,heun"),
 }
 
 
