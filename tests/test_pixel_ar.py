@@ -53,7 +53,23 @@ def test_model_maps_ids_or_embeddings_to_256_logits_per_slot():
     x = torch.randint(0, 256, (2, T))
     logits = model(x)
     assert logits.shape == (2, T, 256) and logits.dtype == torch.float32
-    torch.testing.assert_close(model(model.token_embed(x)), logits)
+    torch.testing.assert_close(model(model.embed(x)), logits)  # float input: whole input embeddings
+    plain = pa.build_model(pa.Config(**pa.PRESETS["tiny"], neighbours=False), num_classes=21, channels=3)
+    assert type(plain) is pa.CausalTransformer and type(model) is pa.PixelTransformer
+    torch.testing.assert_close(plain(plain.token_embed(x)), plain(x))
+
+
+@given(size=st.integers(1, 5), channels=st.sampled_from([1, 3]), seed=st.integers(0, 2**16))
+def test_neighbour_ids_are_the_left_and_upper_pixels_of_the_predicted_sub_pixel_in_its_channel(size, channels, seed):
+    image = np.random.default_rng(seed).integers(0, 256, (1, size, size, channels), dtype=np.uint8)
+    model = pa.build_model(pa.Config(image_size=size, dim=8, depth=1, num_heads=2), num_classes=3, channels=channels)
+    inputs = pa.ar_inputs(pa.image_to_tokens(image), pa.condition_tokens(torch.tensor([1]), 3))
+    ids = model.neighbour_ids(inputs)  # (4, 1, T)
+    for s in range(size * size * channels):  # slot s predicts sub-pixel s
+        r, c, ch = s // channels // size, s // channels % size, s % channels
+        for k, (dr, dc) in enumerate([(0, -1), (-1, -1), (-1, 0), (-1, 1)]):  # left, up-left, up, up-right
+            inside = 0 <= r + dr and 0 <= c + dc < size
+            assert ids[k, 0, s] == (image[0, r + dr, c + dc, ch] if inside else 256), (s, k)
 
 
 # ---------------------------------------------------------------- causality and the distribution
@@ -76,7 +92,7 @@ def test_the_target_x_t_never_reaches_the_logits_that_predict_it():
     tokens = torch.randint(0, 256, (1, T), generator=torch.Generator().manual_seed(0))
     first = pa.condition_tokens(torch.tensor([3]), 21)
     base = model(pa.ar_inputs(tokens, first))
-    for t in (0, 1, T // 2, T - 1):  # 0-based: tokens[:, t] is x_{t+1}, predicted at slot t
+    for t in range(T):  # 0-based: tokens[:, t] is x_{t+1}, predicted at slot t (also through the neighbours)
         changed = tokens.clone()
         changed[0, t] = (changed[0, t] + 128) % 256
         logits = model(pa.ar_inputs(changed, first))
@@ -99,6 +115,24 @@ def test_causality_holds_through_the_cache_when_the_sequence_comes_in_chunks(see
             (grad,) = torch.autograd.grad(logits[0, t].sum(), emb, retain_graph=True)
             assert (grad[0, t + 1:] == 0).all() and (grad[0, :t + 1].abs().sum(-1) > 0).all()
     torch.testing.assert_close(logits, model(emb), rtol=1e-10, atol=1e-10)
+
+
+@settings(max_examples=10)
+@given(seed=st.integers(0, 2**16), cuts=st.lists(st.integers(1, 107), min_size=1, max_size=4, unique=True))
+def test_the_pixel_model_fed_in_chunks_through_the_cache_equals_one_pass(seed, cuts):
+    """The neighbours of a token fed to the cache come from the ids of earlier calls (cache.ids)."""
+    model = pa.build_model(pa.Config(**pa.PRESETS["tiny"]), 21).double().eval()
+    T = model.max_len
+    g = torch.Generator().manual_seed(seed)
+    x = pa.ar_inputs(torch.randint(0, 256, (2, T), generator=g), pa.condition_tokens(torch.tensor([3, -1]), 21))
+    cache = model.new_cache(2)
+    bounds = [0, *sorted(cuts), T]
+    chunks = torch.cat([model(x[:, a:b], cache=cache, start=a) for a, b in zip(bounds, bounds[1:])], dim=1)
+    torch.testing.assert_close(chunks, model(x), rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match="past slot 0 needs the cache"):
+        model(x[:, 5:], start=5)
+    with pytest.raises(ValueError, match="a cached PixelTransformer needs ids"):
+        model(model.embed(x), cache=model.new_cache(2))
 
 
 def test_cache_slots_past_the_written_prefix_are_never_read():
@@ -205,6 +239,21 @@ def test_cached_generation_equals_recompute_token_for_token(seed, temperature, t
     cached = pa.generate(model, prompt, 20, **kw, generator=torch.Generator().manual_seed(seed))
     recomputed = pa.generate(model, prompt, 20, **kw, use_cache=False, generator=torch.Generator().manual_seed(seed))
     assert cached.shape == (3, 20) and torch.equal(cached, recomputed)
+
+
+@settings(max_examples=10)
+@given(seed=st.integers(0, 2**16), temperature=st.sampled_from([0.0, 1.0]), cfg_w=st.sampled_from([0.0, 1.5]))
+def test_the_pixel_model_generates_the_same_image_with_and_without_the_cache(seed, temperature, cfg_w):
+    model = pa.build_model(pa.Config(**pa.PRESETS["tiny"]), 21).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    prompt, null = pa.condition_tokens(torch.tensor([[2], [7]]), 21), torch.full((2, 1), 256 + 21)
+    kw = dict(temperature=temperature, cfg_w=cfg_w, null_prompt=null)
+    cached = pa.generate(model, prompt, model.max_len, **kw, generator=torch.Generator().manual_seed(seed))
+    recomputed = pa.generate(model, prompt, model.max_len, **kw, use_cache=False, generator=torch.Generator().manual_seed(seed))
+    assert torch.equal(cached, recomputed)
 
 
 @settings(max_examples=10)
