@@ -493,7 +493,8 @@ class PixelTransformer(CausalTransformer):
         """Input embeddings (B, T, D) of ids at slots [start, start + T): token plus neighbours. history:
         the ids of slots [0, start + T) (default: ids, which must then start at slot 0)."""
         history = ids if history is None else history
-        neighbours = self.neighbour_ids(history, start)
+        neighbours = self.neighbour_ids(history, start)  # (4, B, T)
+        # Eq (PixelCNN mask A): h_s = E[input_s] + sum_k E_k[value of the k-th earlier neighbour of sub-pixel s]
         return self.token_embed(ids) + sum(table(n) for table, n in zip(self.neighbour_embed, neighbours))
 
     def forward(self, x, positions=None, cache=None, start=0, key_mask=None):
